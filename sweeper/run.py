@@ -1,0 +1,134 @@
+"""Command line: `python -m sweeper.run SPEC.yaml [--dry-run] [--set key=value ...]`.
+
+Exit status: 0 every trial terminated or diverged; 1 some trial errored; 2 the spec or the
+data was refused (before Ray starts); 130 interrupted (the experiment state is saved, so
+rerunning the same command resumes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sweeper.spec import SpecError, SweepSpec, load_spec, trial_configs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sweeper.run", description=__doc__.splitlines()[0])
+    p.add_argument("spec", help="search-space YAML file")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' or host:port; default: RAY_ADDRESS, "
+                        "else start a local Ray)")
+    p.add_argument("--storage", default=None, help="override `storage` (local path or URI)")
+    p.add_argument("--name", default=None, help="override the experiment `name`")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY.PATH=VALUE", help="override a spec key (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an existing experiment (the default when one exists)")
+    p.add_argument("--retry-errored", action="store_true", help="rerun errored trials")
+    p.add_argument("--new", action="store_true",
+                   help="start a new experiment (suffixed name) if the spec changed")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="interface the local dashboard binds to (default loopback only)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the tiny model and synthetic data are cached "
+                        "(default: $SWEEPER_CACHE or ~/.cache/sweeper)")
+    return p
+
+
+def dry_run_table(spec: SweepSpec) -> str:
+    """A plain-text table of every trial the sweep would run."""
+    trials = trial_configs(spec)
+    cols = ["trial_id", "variant", "loss", "freeze_vision", "text_source", "batch_size",
+            "n_train_classes", "seed"]
+    rows = [[str(getattr(t, c)) for c in cols] for t in trials]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    out.append(f"{len(trials)} trials, {spec.scaling.num_workers} worker(s) each, "
+               f"at most {spec.scaling.max_concurrent_trials} at once")
+    return "\n".join(out)
+
+
+def prepare_inputs(spec: SweepSpec, cache_dir: str | None) -> None:
+    """Build or check the model and data every trial needs, before any trial launches:
+    pretrain the tiny preset, generate synthetic data, scan real data, probe the hub."""
+    from sweeper import data as D
+    from sweeper.models import check_loadable, resolve_pretrained
+
+    cache = Path(cache_dir) if cache_dir else None
+    models = {spec.model.model_copy(update=v.model) if v.model else spec.model
+              for v in spec.variants.values()}
+    for m in models:
+        check_loadable(m)
+        if m.pretrained == "tiny":
+            print("Preparing the tiny pretrained model (cached after the first run) ...",
+                  flush=True)
+            resolve_pretrained(m, cache)
+    if spec.data.synthetic is not None:
+        from sweeper.synthetic import dataset_dir
+
+        s = spec.data.synthetic
+        dataset_dir(s.n_classes, s.train_per_class, s.val_per_class, s.image_size, s.seed, cache)
+    else:
+        train, _ = D.load_folder_dataset(spec.data.root, spec.data.class_names,
+                                         spec.data.captions)
+        for i, k in enumerate(spec.grid.n_train_classes):
+            if k > len(train.wnids):
+                raise SpecError(f"grid.n_train_classes[{i}]: {k} exceeds the dataset's "
+                                f"{len(train.wnids)} classes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = list(args.overrides)
+    if args.storage:
+        overrides.append(f"storage={args.storage}")
+    if args.name:
+        overrides.append(f"name={args.name}")
+    try:
+        spec = load_spec(args.spec, overrides)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dry_run_table(spec))
+        return 0
+    from sweeper import data as D
+    from sweeper.models import ModelError
+    from sweeper.orchestration import prepare_experiment, run_sweep
+
+    try:
+        prepare_inputs(spec, args.cache_dir)
+        spec = prepare_experiment(spec, Path(args.spec).read_text(encoding="utf-8"), args.new)
+    except (SpecError, D.DataError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run_sweep(spec, address=args.address, retry_errored=args.retry_errored,
+                           cache_dir=args.cache_dir, dashboard_host=args.dashboard_host)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts: dict[str, int] = {}
+    for s in result.statuses.values():
+        counts[s] = counts.get(s, 0) + 1
+    print(f"\nExperiment: {result.experiment_dir}")
+    print("Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for tid, err in result.errors.items():
+        print(f"  errored {tid}: {err}")
+    for key, path in result.report_paths.items():
+        print(f"{key}: {path}")
+    if result.interrupted:
+        print("Interrupted: rerun the same command to resume.")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
