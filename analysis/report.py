@@ -1,0 +1,204 @@
+"""Turn an experiment directory into Parquet files, `report.md` and plots.
+
+    python -m analysis.report EXPERIMENT_DIR [--out DIR]
+
+Works on a finished, interrupted or still-running sweep: trials that have not started are
+`pending`, interrupted ones `running`, and only finished (`terminated`) trials enter the
+aggregated cells. `EXPERIMENT_DIR` may also be a `s3://`, `gs://` or `file://` URI, read
+through `pyarrow.fs`; the outputs then go to the local `--out` folder. Prints one
+`key: path` line per output and exits 0; exits 2 when the location is not an experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from analysis import tables as T
+from analysis.collect import Experiment, ExperimentNotFound, read_experiment
+from analysis.dataset import ReadOnlyLocation, output_dir, write_tables
+from analysis.plots import write_plots
+from sweeper.sink import atomic_write_bytes
+
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+
+_CONVENTIONS = (
+    "Cells are `mean ± std (n)` of the final val top-1 (%) over seeds, from `terminated` "
+    'trials only; std has ddof=1 ("–" when n = 1); "–" alone means no finished trial. '
+    "**Bold** marks the best cell of each column. Each table holds the axes it does not "
+    "show fixed at the values in its heading."
+)
+_REFERENCE_NOTE = (
+    "Columns marked *(reference)* are the course report's single-run figures "
+    "(`analysis/reference.py`, from `experiments.md`), shown where our table reproduces "
+    "one of its studies; a variant is matched by its loss and frozen vision tower "
+    "(sigmoid = SigLIP, sigmoid + frozen vision = SigLiT), not by its name."
+)
+
+_AXIS_SECTIONS = {
+    "batch_size": "Val top-1 by batch size",
+    "n_train_classes": "Val top-1 by number of training classes",
+    "text_source": "Val top-1 by text source",
+}
+
+
+def _image(path: Path, out: Path, alt: str) -> str:
+    return f"![{alt}]({path.relative_to(out).as_posix()})"
+
+
+def _header(exp: Experiment, trials: pd.DataFrame) -> list[str]:
+    lines = [f"# Sweep report: {exp.name or Path(exp.store.location).name}", ""]
+    lines.append(f"- experiment: `{exp.store.location}`")
+    if exp.fingerprint or exp.created_at:
+        lines.append(
+            f"- spec fingerprint: `{exp.fingerprint or '?'}`, created {exp.created_at or '?'}"
+        )
+    lines.append(f"- {T.status_counts(trials)}")
+    axes = T.group_axes(trials)
+    fixed = T.fixed_values(trials, [a for a in axes if a not in T.varying(trials, axes)])
+    if fixed:
+        lines.append(f"- the same for every trial: {T.describe(fixed)}")
+    if "seed" in trials.columns:
+        seeds = ", ".join(T.fmt_value(s) for s in T.unique(trials["seed"]))
+        lines.append(f"- seeds (averaged over): {seeds or '–'}")
+    return [*lines, "", _CONVENTIONS, ""]
+
+
+def _section(
+    title: str, tables: list[T.Table], plots: dict[str, Path], out: Path, note: str = ""
+) -> list[str]:
+    lines = [f"## {title}", ""]
+    if note:
+        lines += [note, ""]
+    for table in tables:
+        lines += [T.render(table), ""]
+        if table.key in plots:
+            lines += [_image(plots[table.key], out, table.key), ""]
+    return lines
+
+
+def _failures(trials: pd.DataFrame) -> list[str]:
+    lines: list[str] = []
+    for status, title in (("errored", "Errored trials"), ("diverged", "Diverged trials")):
+        rows = trials[trials["status"] == status]
+        if rows.empty:
+            continue
+        lines += [f"## {title}", ""]
+        for _, r in rows.iterrows():
+            err = T.py(r["error"])
+            lines.append(f"- `{r['trial_id']}`: {err or '(no error recorded)'}")
+        lines.append("")
+    return lines
+
+
+def build_markdown(
+    exp: Experiment,
+    trials: pd.DataFrame,
+    history: pd.DataFrame,
+    out: Path,
+    plots_dir: Path,
+) -> tuple[str, dict[str, Path]]:
+    """The report's markdown, and the plots it drew into `plots_dir` (linked relative to
+    `out`, where report.md goes)."""
+    axis_tables = {a: T.axis_tables(trials, a) for a in T.group_axes(trials) if a != "variant"}
+    plots = write_plots(plots_dir, trials, history, [t for ts in axis_tables.values() for t in ts])
+
+    lines = _header(exp, trials)
+    if any(c.reference for ts in axis_tables.values() for t in ts for c in t.columns):
+        lines += [_REFERENCE_NOTE, ""]
+    grid = T.grid_tables(trials)
+    if grid:
+        lines += _section(
+            "Batch size × train classes",
+            grid,
+            plots,
+            out,
+            note="Val top-1 (%); rows: batch size, columns: number of training classes (k).",
+        )
+    for axis, tables in axis_tables.items():
+        if tables:
+            title = _AXIS_SECTIONS.get(axis, f"Val top-1 by {T.axis_label(axis)}")
+            lines += _section(title, tables, plots, out)
+    lines += _section(
+        "Zero-shot baseline vs final",
+        [T.zero_shot_table(trials)],
+        plots,
+        out,
+        note="Zero-shot is the step-0 evaluation before any training; gain is final minus "
+        "zero-shot, per trial, in points.",
+    )
+    seen = T.seen_unseen_table(trials)
+    if seen is not None:
+        lines += _section(
+            "Seen vs unseen classes",
+            [seen],
+            plots,
+            out,
+            note="Final val top-1 (%) on the training classes, on the others, and on all.",
+        )
+    curves = [k for k in plots if k.startswith("learning_curves")]
+    if curves:
+        lines += [
+            "## Learning curves",
+            "",
+            "Val top-1 against step, mean over seeds (running trials included).",
+            "",
+        ]
+        lines += [line for k in curves for line in (_image(plots[k], out, k), "")]
+    lines += _failures(trials)
+    lines += ["## All trials", "", T.trial_list(trials), ""]
+    return "\n".join(lines), plots
+
+
+def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write trials/history/per_class Parquet, `report.md` and `plots/` for an experiment.
+
+    Outputs go into the experiment directory, or `out_dir` when given (required for a
+    URI experiment). Returns their paths keyed `trials`, `history`, `per_class` (only when
+    some trial saved per-class accuracy), `report` and `plots` (the folder). Raises
+    ExperimentNotFound when the location holds no sweep.json and no trials/.
+    """
+    exp = read_experiment(experiment_dir)
+    out = output_dir(experiment_dir, out_dir)
+    paths, tables = write_tables(exp, out)
+    trials = tables["trials"].to_pandas()
+    history = tables["history"].to_pandas()
+    plots_dir = out / PLOTS_DIR
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    text, _ = build_markdown(exp, trials, history, out, plots_dir)
+    report = out / REPORT_FILE
+    atomic_write_bytes(report, text.encode("utf-8"))
+    return {**paths, "report": report, "plots": plots_dir}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: write the report, print `key: path` per output, return the exit
+    status (0 done, 2 not an experiment or a URI without --out)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.report",
+        description="Build Parquet tables, report.md and plots for a sweep's experiment "
+        "directory (finished, interrupted or still running).",
+    )
+    parser.add_argument("experiment", help="experiment directory, or an s3:// / gs:// URI")
+    parser.add_argument(
+        "--out", default=None, help="write outputs here (default: the experiment directory)"
+    )
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        paths = write_report(args.experiment, out_dir=args.out)
+    except (ExperimentNotFound, ReadOnlyLocation, pa.ArrowInvalid) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""Aggregate trials over seeds and lay the results out as markdown tables.
+
+Everything here works on the pandas DataFrame of `trials.parquet`, so `report.md` and the
+notebook draw the same tables from the same data.
+
+Conventions (also stated at the top of every report):
+
+- a cell is `mean ± std (n)` over the seeds of one setting, in percent; std has ddof=1
+  and is "–" when n = 1; a cell with no finished trial is "–";
+- only `terminated` trials enter a cell: a running trial's metrics are not final, and
+  a diverged or errored one is listed on its own instead of dragging the mean;
+- the best cell of each column (by the mean as printed) is bold;
+- per-axis tables: rows are the axis, columns the variants (with the course report's
+  figure beside a variant where our table reproduces one of its studies); the other
+  axes are held fixed, one table per combination of their values; axes with a single
+  value in the sweep are stated once, above all tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import reference
+from analysis.collect import NAMED_AXES, is_extra_axis_column
+
+INCLUDED_STATUSES = ("terminated",)
+METRIC = "val_top1"
+_SCALE = 100.0  # accuracies are stored as fractions, shown in percent
+
+AXIS_LABELS = {
+    "variant": "variant",
+    "text_source": "text source",
+    "batch_size": "batch size",
+    "n_train_classes": "train classes",
+    "seed": "seed",
+}
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Mean and sample std (ddof=1, None when n < 2) of n values, as fractions."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+
+EMPTY = Stats(None, None, 0)
+
+
+@dataclass
+class Column:
+    """One value column of a table. Reference columns hold single published figures."""
+
+    label: str
+    cells: list[Stats]
+    reference: bool = False
+    variant: str | None = None
+
+
+@dataclass
+class Table:
+    """A table of `Stats` cells: `row_labels[i]` are the leading label cells of row i."""
+
+    key: str
+    heading: str | None
+    row_header: list[str]
+    row_labels: list[list[str]]
+    columns: list[Column]
+    axis: str | None = None
+    row_values: list[Any] = field(default_factory=list)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None
+
+
+# --------------------------------------------------------------------------- values
+
+
+def py(v: Any) -> Any:
+    """A plain Python value: numpy scalars unwrapped, NaN/NA as None."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v
+
+
+def fmt_value(v: Any) -> str:
+    """An axis value as a table label: 64.0 -> 64, 1e-05 -> 1e-05, None -> –."""
+    v = py(v)
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:g}"
+    return str(v)
+
+
+def axis_label(column: str) -> str:
+    """Display name of an axis column (`train__lr` -> `train.lr`)."""
+    return AXIS_LABELS.get(column, column.replace("__", "."))
+
+
+def stats(values: Sequence[Any] | pd.Series) -> Stats:
+    """Mean ± sample std over the non-null values."""
+    vals = [float(v) for v in (py(x) for x in values) if v is not None]
+    vals = [v for v in vals if math.isfinite(v)]
+    n = len(vals)
+    if n == 0:
+        return EMPTY
+    mean = math.fsum(vals) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else None
+    return Stats(mean, std, n)
+
+
+def fmt_stats(s: Stats) -> str:
+    """`89.82 ± 1.23 (3)` in percent; `89.82 ± – (1)`; `–` without data."""
+    if s.n == 0 or s.mean is None:
+        return "–"
+    std = f"{s.std * _SCALE:.2f}" if s.std is not None else "–"
+    return f"{s.mean * _SCALE:.2f} ± {std} ({s.n})"
+
+
+def fmt_reference(s: Stats) -> str:
+    """A published figure: the percentage alone (it is one run), or `–`."""
+    return "–" if s.mean is None else f"{s.mean * _SCALE:.2f}"
+
+
+def _shown(s: Stats) -> float | None:
+    # Best cells are judged on the printed figure, so the bold mark never disagrees
+    # with what a reader can see.
+    return None if s.mean is None else round(s.mean * _SCALE, 2)
+
+
+def best_rows(column: Column) -> set[int]:
+    """Rows holding the highest mean of the column (all of them on a tie)."""
+    shown = [_shown(c) for c in column.cells]
+    vals = [v for v in shown if v is not None]
+    if not vals:
+        return set()
+    top = max(vals)
+    return {i for i, v in enumerate(shown) if v == top}
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(table: Table) -> str:
+    """The table as GitHub markdown (heading, optional note, table), best cells bold."""
+    header = [*table.row_header, *(c.label for c in table.columns)]
+    lines = ["| " + " | ".join(_escape(h) for h in header) + " |"]
+    lines.append("|" + "---|" * len(header))
+    best = [best_rows(c) for c in table.columns]
+    for i, labels in enumerate(table.row_labels):
+        cells = [_escape(x) for x in labels]
+        for col, top in zip(table.columns, best, strict=True):
+            text = (fmt_reference if col.reference else fmt_stats)(col.cells[i])
+            cells.append(f"**{text}**" if i in top else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    out = []
+    if table.heading:
+        out += [f"### {table.heading}", ""]
+    if table.note:
+        out += [table.note, ""]
+    return "\n".join([*out, *lines])
+
+
+# --------------------------------------------------------------------------- axes
+
+
+def axis_columns(trials: pd.DataFrame) -> list[str]:
+    """The grid-axis columns of a trials frame: named axes, then dotted extras."""
+    named = [a for a in NAMED_AXES if a in trials.columns]
+    return named + [c for c in trials.columns if is_extra_axis_column(c)]
+
+
+def group_axes(trials: pd.DataFrame) -> list[str]:
+    """Axes that define a setting; seeds are the repeats averaged over."""
+    return [a for a in axis_columns(trials) if a != "seed"]
+
+
+def varying(trials: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """The columns with more than one value in the sweep (pending trials included)."""
+    return [c for c in columns if len(unique(trials[c])) > 1]
+
+
+def unique(series: pd.Series) -> list[Any]:
+    """Distinct values: numbers sorted ascending, anything else in order of appearance."""
+    seen: list[Any] = []
+    for v in (py(x) for x in series):
+        if v not in seen:
+            seen.append(v)
+    present = [v for v in seen if v is not None]
+    if present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        present.sort()
+    return present + ([None] if None in seen else [])
+
+
+def mask(frame: pd.DataFrame, values: dict[str, Any]) -> pd.Series:
+    """Rows of `frame` whose columns equal `values` (None matches null)."""
+    m = pd.Series(True, index=frame.index)
+    for col, v in values.items():
+        m &= frame[col].isna() if v is None else frame[col].map(py) == v
+    return m
+
+
+def combos(trials: pd.DataFrame, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Every combination of `columns`' values that some trial has, in sorted order."""
+    if not columns:
+        return [{}]
+    out = []
+    for values in itertools.product(*(unique(trials[c]) for c in columns)):
+        combo = dict(zip(columns, values, strict=True))
+        if mask(trials, combo).any():
+            out.append(combo)
+    return out
+
+
+def fixed_values(trials: pd.DataFrame, columns: Sequence[str]) -> dict[str, Any]:
+    """The columns that hold a single value in `trials`, with that value."""
+    out = {}
+    for c in columns:
+        vals = unique(trials[c])
+        if len(vals) == 1:
+            out[c] = vals[0]
+    return out
+
+
+def describe(values: dict[str, Any]) -> str:
+    """`train classes = 10, text source = templates`."""
+    return ", ".join(f"{axis_label(k)} = {fmt_value(v)}" for k, v in values.items())
+
+
+def slug(values: dict[str, Any]) -> str:
+    """A file-name-safe key for a combination of axis values."""
+    text = "_".join(f"{k}-{fmt_value(v)}" for k, v in values.items())
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text)[:100]
+
+
+def finished(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials whose metrics are final and enter the tables."""
+    return trials[trials["status"].isin(INCLUDED_STATUSES)]
+
+
+def variant_kind(trials: pd.DataFrame, variant: Any) -> str | None:
+    """Which reference model (`siglip`, `siglit`) a variant reproduces, if any."""
+    rows = trials[mask(trials, {"variant": variant})]
+    loss = next((py(v) for v in rows.get("loss", []) if py(v) is not None), None)
+    frozen = next((py(v) for v in rows.get("freeze_vision", []) if py(v) is not None), None)
+    return reference.model_kind(loss, frozen)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def axis_tables(trials: pd.DataFrame, axis: str, metric: str = METRIC) -> list[Table]:
+    """Rows = `axis`, one column per variant (+ its reference figure where a study of the
+    course report matches), one table per combination of the other varying axes."""
+    axes = group_axes(trials)
+    if axis not in axes or axis not in varying(trials, axes):
+        return []
+    others = [a for a in axes if a not in (axis, "variant")]
+    done = finished(trials)
+    variants = unique(trials["variant"])
+    tables = []
+    for combo in combos(trials, varying(trials, others)):
+        sub = trials[mask(trials, combo)]
+        sub_done = done[mask(done, combo)]
+        rows = unique(sub[axis])
+        fixed = fixed_values(sub, others)
+        columns = []
+        for v in variants:
+            of_v = sub_done[mask(sub_done, {"variant": v})]
+            cells = [stats(of_v[mask(of_v, {axis: r})][metric]) for r in rows]
+            columns.append(Column(fmt_value(v), cells, variant=v))
+            study = reference.lookup(variant_kind(trials, v), axis, fixed)
+            if metric == METRIC and study is not None:
+                figs = [reference.figure(study, r) for r in rows]
+                if any(f is not None for f in figs):
+                    ref_cells = [
+                        Stats(f / _SCALE, None, 1) if f is not None else EMPTY for f in figs
+                    ]
+                    columns.append(
+                        Column(f"{fmt_value(v)} (reference)", ref_cells, reference=True, variant=v)
+                    )
+        tables.append(
+            Table(
+                key=f"{metric}_vs_{axis}" + (f"__{slug(combo)}" if combo else ""),
+                heading=describe(combo) or None,
+                row_header=[axis_label(axis)],
+                row_labels=[[fmt_value(r)] for r in rows],
+                columns=columns,
+                axis=axis,
+                row_values=rows,
+                fixed=fixed,
+            )
+        )
+    return tables
+
+
+def grid_tables(trials: pd.DataFrame, metric: str = METRIC) -> list[Table]:
+    """Batch size × train classes, one table per variant (and per value of any other
+    varying axis): rows are batch sizes, columns the numbers of training classes."""
+    axes = group_axes(trials)
+    if not {"batch_size", "n_train_classes"} <= set(varying(trials, axes)):
+        return []
+    others = varying(trials, [a for a in axes if a not in ("batch_size", "n_train_classes")])
+    done = finished(trials)
+    tables = []
+    for combo in combos(trials, others):
+        sub = trials[mask(trials, combo)]
+        sub_done = done[mask(done, combo)]
+        sizes, ks = unique(sub["batch_size"]), unique(sub["n_train_classes"])
+        columns = [
+            Column(
+                f"k={fmt_value(k)}",
+                [
+                    stats(sub_done[mask(sub_done, {"batch_size": b, "n_train_classes": k})][metric])
+                    for b in sizes
+                ],
+            )
+            for k in ks
+        ]
+        tables.append(
+            Table(
+                key=f"{metric}_grid" + (f"__{slug(combo)}" if combo else ""),
+                heading=describe(combo) or None,
+                row_header=["batch size"],
+                row_labels=[[fmt_value(b)] for b in sizes],
+                columns=columns,
+                row_values=sizes,
+            )
+        )
+    return tables
+
+
+def group_table(
+    trials: pd.DataFrame,
+    columns: Sequence[tuple[str, str | Callable[[pd.DataFrame], pd.Series]]],
+    key: str,
+) -> Table:
+    """One row per setting (the varying non-seed axes), one column per metric.
+
+    A metric is a column name or a function of the finished trials (e.g. a difference).
+    """
+    keys = varying(trials, group_axes(trials))
+    done = finished(trials)
+    row_labels, cols = [], [Column(label, []) for label, _ in columns]
+    for combo in combos(trials, keys):
+        row_labels.append([fmt_value(v) for v in combo.values()] or ["all trials"])
+        sub = done[mask(done, combo)]
+        for col, (_, metric) in zip(cols, columns, strict=True):
+            values = metric(sub) if callable(metric) else sub[metric]
+            col.cells.append(stats(values))
+    return Table(
+        key=key,
+        heading=None,
+        row_header=[axis_label(k) for k in keys] or ["setting"],
+        row_labels=row_labels,
+        columns=cols,
+    )
+
+
+def zero_shot_table(trials: pd.DataFrame) -> Table:
+    """Zero-shot baseline (step 0) against the final and best val top-1, per setting."""
+    return group_table(
+        trials,
+        [
+            ("zero-shot top-1", "zero_shot_top1"),
+            ("final top-1", "val_top1"),
+            ("gain (points)", lambda d: d["val_top1"] - d["zero_shot_top1"]),
+            ("best top-1", "best_val_top1"),
+        ],
+        key="zero_shot_vs_final",
+    )
+
+
+def seen_unseen_table(trials: pd.DataFrame) -> Table | None:
+    """Final val top-1 on the training classes, the others, and all; None without data."""
+    done = finished(trials)
+    if done[["val_top1_seen", "val_top1_unseen"]].isna().all().all():
+        return None
+    return group_table(
+        trials,
+        [
+            ("seen classes", "val_top1_seen"),
+            ("unseen classes", "val_top1_unseen"),
+            ("all classes", "val_top1"),
+        ],
+        key="seen_vs_unseen",
+    )
+
+
+def _pct(v: Any) -> str:
+    v = py(v)
+    return "–" if v is None else f"{float(v) * _SCALE:.2f}"
+
+
+def trial_list(trials: pd.DataFrame) -> str:
+    """Every trial on one line: status, steps done (/ planned), and its own accuracies."""
+    lines = [
+        "| trial | status | steps | zero-shot top-1 | final top-1 | best top-1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for _, r in trials.iterrows():
+        steps = fmt_value(r["steps"])
+        if py(r.get("total_steps")) is not None:
+            steps += f" / {fmt_value(r['total_steps'])}"
+        lines.append(
+            f"| `{r['trial_id']}` | {r['status']} | {steps} | "
+            f"{_pct(r['zero_shot_top1'])} | {_pct(r['val_top1'])} | {_pct(r['best_val_top1'])} |"
+        )
+    return "\n".join(lines)
+
+
+def status_counts(trials: pd.DataFrame) -> str:
+    """`12 trials: 8 terminated, 2 running, 1 errored, 1 pending`."""
+    order = ["terminated", "diverged", "errored", "running", "pending"]
+    counts = trials["status"].value_counts()
+    names = order + sorted(str(s) for s in counts.index if s not in order)
+    parts = [f"{int(counts[s])} {s}" for s in names if s in counts.index]
+    n = len(trials)
+    return f"{n} trial{'s' if n != 1 else ''}: " + (", ".join(parts) if parts else "none")
