@@ -465,12 +465,14 @@ def trial_id_for(point: dict[str, Any]) -> str:
 
 
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Cartesian product of the axes, in Tune's grid_search order (last axis fastest)."""
+    """Cartesian product of the axes, in Tune's grid_search order."""
     axes = grid_axes(spec)
-    keys = list(axes)
-    # Tune varies the *first* grid key fastest; mirror that so dry-run order matches.
+    # Tune resolves grid axes in sorted key order, the first varying fastest; mirror it so
+    # the dry-run table lists trials in the order the sweep runs them.
+    keys = sorted(axes)
     combos = itertools.product(*(axes[k] for k in reversed(keys)))
-    return [dict(zip(keys, reversed(c), strict=True)) for c in combos]
+    points = [dict(zip(reversed(keys), c, strict=True)) for c in combos]
+    return [{k: p[k] for k in axes} for p in points]
 
 
 def resolve_trial(spec: SweepSpec, point: dict[str, Any]) -> TrialConfig:

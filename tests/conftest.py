@@ -1,0 +1,39 @@
+"""Shared fixtures: an isolated cache with a tiny model pretrained in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Small enough to pretrain in a few seconds; big enough to classify above chance.
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "pretrain_epochs": 12,
+        "pretrain_per_class": 10, "image_size": 16, "patch_size": 8}
+SYNTH = {"n_classes": 8, "train_per_class": 12, "val_per_class": 6, "image_size": 16, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache per test session, shared by every test and every Ray worker."""
+    d = tmp_path_factory.mktemp("sweeper-cache")
+    os.environ["SWEEPER_CACHE"] = str(d)
+    return d
+
+
+def base_doc(tmp_path: Path, **overrides: object) -> dict:
+    """A valid small search space as a dict; tests mutate it."""
+    doc = {
+        "name": "t",
+        "storage": str(tmp_path / "results"),
+        "model": {"pretrained": "tiny", "tiny": dict(TINY)},
+        "variants": {"siglip": {"loss": "sigmoid", "freeze_vision": False},
+                     "siglit": {"loss": "sigmoid", "freeze_vision": True}},
+        "data": {"synthetic": dict(SYNTH), "templates": ["a photo of a {}."]},
+        "train": {"epochs": 1, "lr": 1e-3},
+        "grid": {"variant": ["siglip"], "text_source": ["templates"], "batch_size": [16],
+                 "n_train_classes": [4], "seed": [0]},
+        "scaling": {"num_workers": 1, "max_concurrent_trials": 1},
+    }
+    doc.update(overrides)
+    return doc

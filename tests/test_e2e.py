@@ -1,0 +1,54 @@
+"""A real sweep through Ray Tune and Ray Train: 2 trials, then the Parquet and report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import base_doc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(spec_path: Path, cache_dir: Path, *extra: str, timeout: int = 600):
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper.run", str(spec_path), "--cache-dir", str(cache_dir),
+         *extra],
+        capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_two_trial_sweep_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
+    doc = base_doc(tmp_path)
+    doc["grid"]["variant"] = ["siglip", "siglit"]
+    doc["scaling"]["max_concurrent_trials"] = 2
+    spec = tmp_path / "two.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    r = run_cli(spec, cache_dir)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    exp = tmp_path / "results" / "t"
+    assert f"trials: {exp / 'trials.parquet'}" in r.stdout
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert len(trials) == 2
+    for col in ("trial_id", "variant", "loss", "freeze_vision", "text_source", "batch_size",
+                "n_train_classes", "seed", "status", "zero_shot_top1", "val_top1",
+                "best_val_top1"):
+        assert col in trials.columns, col
+    assert set(trials["status"]) == {"terminated"}
+    assert trials["val_top1"].between(0, 1).all()
+    assert (trials["best_val_top1"] >= trials["val_top1"] - 1e-12).all()
+    assert set(trials["freeze_vision"]) == {True, False}
+    report = (exp / "report.md").read_text()
+    assert "siglit" in report and "siglip" in report
+    # Rerunning the same command resumes a finished experiment: nothing is trained again.
+    before = (exp / "trials" / trials["trial_id"][0] / "history.jsonl").read_text()
+    r2 = run_cli(spec, cache_dir)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert (exp / "trials" / trials["trial_id"][0] / "history.jsonl").read_text() == before
+    assert len(pd.read_parquet(exp / "trials.parquet")) == 2
