@@ -389,7 +389,8 @@ def read_experiment(location: str | Path) -> Experiment:
     store = Store(location)
     sweep = store.read_json("sweep.json")
     sweep = sweep if isinstance(sweep, dict) else {}
-    trial_dirs = store.list_dirs("trials")
+    # Hidden folders are scratch space (temporary files of a writer), never trials.
+    trial_dirs = [d for d in store.list_dirs("trials") if not d.startswith(".")]
     if not sweep and not trial_dirs:
         raise ExperimentNotFound(f"{store.location}: no sweep.json and no trials/ folder")
 

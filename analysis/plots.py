@@ -122,14 +122,14 @@ def axis_plot(table: Table) -> Figure | None:
     return fig
 
 
-_MAX_LINES = 10  # beyond this many settings in one plot, one plot per variant
+_MAX_LINES = 10  # more settings than this: one plot per variant, then one panel per value
 
 
 def _curves(
     history: pd.DataFrame, trials: pd.DataFrame, variant: Any, metric: str
-) -> list[tuple[str, pd.Series]]:
-    """(label, mean over seeds by step) per setting with at least two evaluations.
-    `variant=None` takes every variant, and the variant becomes part of each label."""
+) -> list[tuple[dict[str, Any], pd.Series]]:
+    """(setting, mean over seeds by step) for each setting with two evaluations or more.
+    `variant=None` takes every variant, and the variant is then part of the setting."""
     if history.empty or metric not in history.columns:
         return []
     keys = varying(trials, group_axes(trials))
@@ -141,8 +141,7 @@ def _curves(
     for combo in combos(hist, keys):
         mean = hist[mask(hist, combo)].groupby("step", sort=True)[metric].mean()
         if len(mean) >= 2:
-            label = describe(combo) or fmt_value(variant if variant is not None else "all")
-            curves.append((label, mean))
+            curves.append((combo, mean))
     return curves
 
 
@@ -151,25 +150,51 @@ def learning_curves(
 ) -> Figure | None:
     """Val top-1 against step: one line per setting, the mean over seeds at each step
     (running trials included: a curve is useful before the end). One variant, or all of
-    them with `variant=None`.
+    them with `variant=None`. With more than ten settings, one panel per value of the
+    first varying axis, so that no panel holds dozens of lines.
 
     None when no setting has two evaluations to join.
     """
     curves = _curves(history, trials, variant, metric)
     if not curves:
         return None
-    fig = _new_figure(7.2, 4.4)
-    ax = fig.add_subplot()
-    many = len(curves) > _MAX_LINES
-    for i, (label, mean) in enumerate(curves):
-        colour = _ramp(i, len(curves)) if many else f"C{i}"
-        ax.plot(mean.index, mean.to_numpy() * 100, marker=".", label=label, color=colour)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val top-1 (%), mean over seeds")
-    title = "learning curves" + (f": {fmt_value(variant)}" if variant is not None else "")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small" if many else "small", loc="center left", bbox_to_anchor=(1, 0.5))
+    facet = next(iter(curves[0][0]), None) if len(curves) > _MAX_LINES else None
+    panels: dict[Any, list[tuple[dict[str, Any], pd.Series]]] = {}
+    for combo, mean in curves:
+        panels.setdefault(combo.get(facet) if facet else None, []).append((combo, mean))
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = _new_figure(4.2 * ncols + 2.5, 3.2 * nrows + 0.6)
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    for ax, (value, lines) in zip(axes, panels.items(), strict=False):
+        many = len(lines) > _MAX_LINES
+        for i, (combo, mean) in enumerate(lines):
+            rest = {k: v for k, v in combo.items() if k != facet}
+            label = describe(rest) or fmt_value(variant if variant is not None else "all")
+            colour = _ramp(i, len(lines)) if many else f"C{i}"
+            ax.plot(mean.index, mean.to_numpy() * 100, marker=".", label=label, color=colour)
+        if facet:
+            ax.set_title(describe({facet: value}), fontsize="medium")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for ax in axes[(nrows - 1) * ncols :]:
+        ax.set_xlabel("step")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("val top-1 (%)")
+    # One legend for the figure: the panel with the most lines names them all.
+    fullest = max(range(len(panels)), key=lambda i: len(axes[i].get_lines()))
+    handles, labels = axes[fullest].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize="x-small" if len(labels) > _MAX_LINES else "small",
+    )
+    title = "learning curves, mean over seeds"
+    fig.suptitle(title + (f": {fmt_value(variant)}" if variant is not None else ""))
+    fig.tight_layout()
     return fig
 
 

@@ -18,7 +18,6 @@ Conventions (also stated at the top of every report):
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -216,12 +215,12 @@ def combos(trials: pd.DataFrame, columns: Sequence[str]) -> list[dict[str, Any]]
     """Every combination of `columns`' values that some trial has, in sorted order."""
     if not columns:
         return [{}]
-    out = []
-    for values in itertools.product(*(unique(trials[c]) for c in columns)):
-        combo = dict(zip(columns, values, strict=True))
-        if mask(trials, combo).any():
-            out.append(combo)
-    return out
+    # Ranks from `unique` give each column its display order (numbers ascending, names
+    # as the grid lists them); only combinations present in the data are visited.
+    ranks = [{v: i for i, v in enumerate(unique(trials[c]))} for c in columns]
+    present = {tuple(py(v) for v in row) for row in trials[list(columns)].itertuples(index=False)}
+    ordered = sorted(present, key=lambda t: [r[v] for r, v in zip(ranks, t, strict=True)])
+    return [dict(zip(columns, values, strict=True)) for values in ordered]
 
 
 def fixed_values(trials: pd.DataFrame, columns: Sequence[str]) -> dict[str, Any]:
