@@ -29,6 +29,11 @@ LossName = Literal["sigmoid", "softmax"]
 class SpecError(ValueError):
     """A refused search space. `str(err)` is one line: `key.path: what is wrong`."""
 
+    def __init__(self, message: str) -> None:
+        # Keys and values come from user YAML and may hold newlines: keep the promise of
+        # one line whatever they contain.
+        super().__init__(" ".join(str(message).splitlines()))
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
@@ -258,8 +263,10 @@ def _loc_to_path(loc: tuple[Any, ...], prefix: str = "") -> str:
             out += f"[{part}]"
         elif str(part).startswith(("function-", "tagged-union")):
             continue
-        else:
+        elif re.fullmatch(r"[A-Za-z_][\w.-]*", str(part)):
             out += f".{part}" if out else str(part)
+        else:  # a key that is not a name (`0`, `my key`): quoted so the path stays readable
+            out += f"[{str(part)[:40]!r}]"
     return out or "<root>"
 
 
@@ -396,14 +403,14 @@ def _check_cross_fields(spec: SweepSpec) -> None:
             try:
                 model_cls.model_validate({**base.model_dump(exclude_unset=True), **overrides})
             except ValidationError as e:
-                raise _validation_error(e, f"variants.{name}.{section}") from None
+                raise _validation_error(e, _loc_to_path(("variants", name, section))) from None
     for key, values in (g.model_extra or {}).items():
         _check_extra_axis(spec, key, values)
 
 
 def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:
-    path = f"grid.{key}"
-    parts = key.split(".")
+    path = _loc_to_path(("grid", key))
+    parts = str(key).split(".")
     if len(parts) < 2 or parts[0] not in ("model", "train", "eval", "data", "checkpoint"):
         raise SpecError(
             f"{path}: unknown axis (use variant, text_source, batch_size, n_train_classes, "
