@@ -86,6 +86,8 @@ def resolve_pretrained(model_spec: Any, cache_dir: str | Path | None = None) -> 
         return str(ensure_tiny(model_spec.tiny, cache_dir))
     p = Path(name).expanduser()
     if p.exists() or name.startswith((".", "/", "~")):
+        if not p.exists():
+            raise ModelError(f"model.pretrained: directory {name!r} does not exist")
         if not (p / "config.json").is_file():
             raise ModelError(f"model.pretrained: {name!r} is not a model directory "
                              "(no config.json)")
