@@ -90,7 +90,8 @@ class TrainSpec(_Strict):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float | None = Field(None, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16: autocast (on the CPU too); auto: bf16 on a CUDA device that supports it, else fp32
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     same_class_pairs: Literal["negative", "positive", "ignore"] = "negative"
     save_final: bool = False
     log_every_steps: int = Field(50, ge=1)

@@ -90,7 +90,9 @@ def param_groups(model: nn.Module, train: Any) -> list[dict[str, Any]]:
 
 
 def lr_lambda(train: Any, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup over `train.warmup_steps`, then constant or cosine decay to 0."""
+    """The LambdaLR factor of the update that follows `step` updates: linear warmup
+    (1/W, 2/W, ..., 1 over the first W = `train.warmup_steps` updates), then 1 (constant)
+    or a cosine from 1 at step W to 0 at `total_steps`."""
     warm = train.warmup_steps
 
     def f(step: int) -> float:
@@ -104,8 +106,18 @@ def lr_lambda(train: Any, total_steps: int) -> Callable[[int], float]:
     return f
 
 
+def global_batch_size(cfg: TrialConfig, n_train: int) -> int:
+    """Samples drawn per step over all workers: `batch_size`, unless the training set is
+    smaller than one batch (then its one batch is trimmed to a multiple of the workers)."""
+    nw = cfg.scaling.num_workers
+    return cfg.batch_size if n_train >= cfg.batch_size else (n_train // nw) * nw
+
+
 def total_steps(cfg: TrialConfig, n_train: int) -> tuple[int, int]:
-    """(steps in the budget, steps per epoch) for this trial's data and global batch."""
+    """(steps in the budget, steps per epoch) for this trial's data and global batch.
+
+    `{epochs: N}`: N * steps per epoch; `{steps: N}`: N; `{samples: N}`: the fewest steps
+    that draw at least N samples (ceil(N / global batch))."""
     spe = D.steps_per_epoch(n_train, cfg.batch_size, cfg.scaling.num_workers)
     if spe == 0:
         raise D.DataError(
@@ -116,7 +128,7 @@ def total_steps(cfg: TrialConfig, n_train: int) -> tuple[int, int]:
         return b.epochs * spe, spe
     if b.steps is not None:
         return b.steps, spe
-    return math.ceil(b.samples / cfg.batch_size), spe
+    return math.ceil(b.samples / global_batch_size(cfg, n_train)), spe
 
 
 # --------------------------------------------------------------------------- step
@@ -162,19 +174,22 @@ def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.O
 @torch.no_grad()
 def class_text_embeddings(enc: DualEncoder, names: list[str], templates: list[str],
                           tokenizer: Any, max_length: int, device: torch.device,
-                          autocast: Any) -> torch.Tensor:
-    """[C, d] class embeddings from the *current* text tower, averaged over templates
-    (prompt ensembling), renormalised."""
-    out = []
-    for name in names:
-        tok = tokenizer([t.format(name) for t in templates], padding="max_length",
-                        truncation=True, max_length=max_length, return_tensors="pt")
+                          autocast: Any, batch_size: int = 256) -> torch.Tensor:
+    """[C, d] class embeddings from the *current* text tower: the normalised embeddings of
+    every template filled with the class name, averaged (prompt ensembling), renormalised.
+    The C x T prompts are encoded in batches of `batch_size`."""
+    prompts = [t.format(name) for name in names for t in templates]
+    embs = []
+    for i in range(0, len(prompts), batch_size):
+        tok = tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        mask = tok.get("attention_mask")
         with autocast():
             e = enc.encode_text(tok["input_ids"].to(device),
-                                tok.get("attention_mask").to(device)
-                                if tok.get("attention_mask") is not None else None)
-        out.append(nn.functional.normalize(e.float().mean(0), dim=-1))
-    return torch.stack(out)
+                                mask.to(device) if mask is not None else None)
+        embs.append(e.float())
+    per_prompt = torch.cat(embs).view(len(names), len(templates), -1)
+    return nn.functional.normalize(per_prompt.mean(1), dim=-1)
 
 
 @torch.no_grad()
@@ -191,13 +206,19 @@ def image_embeddings(enc: DualEncoder, loader: Any, device: torch.device,
         embs.append(e.float())
         labels.append(batch["labels"].to(device))
     if not embs:
-        return torch.zeros(0, 1, device=device), torch.zeros(0, dtype=torch.long), skipped
+        return (torch.zeros(0, 1, device=device),
+                torch.zeros(0, dtype=torch.long, device=device), skipped)
     return torch.cat(embs), torch.cat(labels), skipped
 
 
 def zero_shot_metrics(img: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor,
                       seen: list[bool], world_size: int, group: Any = None) -> dict[str, Any]:
-    """Top-1/top-5 and per-class accuracy over every rank's shard (counts summed)."""
+    """Top-1/top-5 and per-class top-1 over every rank's shard (counts summed).
+
+    `img` [n, d] and `cls` [C, d] are normalised embeddings, `labels` [n] index the classes,
+    `seen[c]` says whether class c was trained on. `val_top1_seen` / `val_top1_unseen` are
+    the top-1 over the images of seen / unseen classes (None when there are none); top-5
+    is top-min(5, C). `per_class[c]` is None for a class without val images."""
     n_cls = cls.shape[0]
     correct1 = torch.zeros(n_cls, dtype=torch.float64, device=cls.device)
     correct5 = torch.zeros_like(correct1)
@@ -222,7 +243,8 @@ def zero_shot_metrics(img: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor
         return c[mask].sum().item() / n if n else None
 
     every = torch.ones_like(seen_t)
-    per_class = (correct1 / count.clamp(min=1)).tolist()
+    per_class = [c / n if n else None for c, n in zip(correct1.tolist(), count.tolist(),
+                                                      strict=True)]
     return {
         "val_top1": acc(correct1, every),
         "val_top5": acc(correct5, every),
@@ -244,27 +266,55 @@ def _trainable_state(enc: DualEncoder) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path, enc: DualEncoder, optimizer: Any, scheduler: Any,
                     state: dict[str, Any]) -> None:
+    """`path/state.pt`: the trainable weights (all of them unless the vision tower is
+    frozen), optimizer, scheduler, the loop state and the RNG states."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
     torch.save({"model": _trainable_state(enc), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": state}, path / "state.pt")
+                "scheduler": scheduler.state_dict(), "state": state, "rng": rng},
+               path / "state.pt")
 
 
 def load_checkpoint(path: Path, enc: DualEncoder, optimizer: Any = None,
-                    scheduler: Any = None) -> dict[str, Any]:
-    """Restore a checkpoint written by `save_checkpoint`; returns the loop state."""
-    ck = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    enc.load_state_dict(ck["model"], strict=False)
+                    scheduler: Any = None, restore_rng: bool = False) -> dict[str, Any]:
+    """Restore a checkpoint written by `save_checkpoint` into `enc` (built from the same
+    pretrained model), and the optimizer, scheduler and RNG states when given; returns the
+    loop state (`step`, `epoch`, `batch_in_epoch`, `samples_seen`, `best_val_top1`, ...)."""
+    ck = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    # A frozen tower is not saved (it is the pretrained one): missing keys are expected,
+    # unexpected ones mean another model.
+    unexpected = enc.load_state_dict(ck["model"], strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path}: checkpoint of another model (unexpected key "
+                         f"{unexpected[0]!r})")
     if optimizer is not None:
         optimizer.load_state_dict(ck["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(ck["scheduler"])
+    rng = ck.get("rng") or {}
+    if restore_rng and "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     return ck["state"]
 
 
 # --------------------------------------------------------------------------- sequencer
 
 
-def _autocast(cfg: TrialConfig, device: torch.device) -> Callable[[], Any]:
-    if cfg.train.precision == "bf16":
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """What `train.precision` means on `device`: `fp32` is plain float32; `bf16` autocasts
+    to bfloat16 on any device (on the CPU only because it was asked for); `auto` is bf16 on
+    a CUDA device that supports it and fp32 elsewhere, the CPU included."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    return precision
+
+
+def _autocast(precision: str, device: torch.device) -> Callable[[], Any]:
+    if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -278,8 +328,244 @@ def _val_loader(samples: list[D.Sample], names: list[str], transform: D.ImageTra
     return D.make_loader(ds, batches, D.Collate(tokenizer, max_length), num_workers)
 
 
+@dataclass
+class Evaluator:
+    """Zero-shot evaluation of the current model on this rank's shard of the val set.
+
+    Every call rebuilds the class embeddings from the current text tower (prompt ensembling
+    over the eval templates). With a frozen vision tower the val image embeddings cannot
+    change, so they are computed at the first call only and kept for the trial."""
+
+    enc: DualEncoder
+    loader: Any
+    names: list[str]
+    templates: list[str]
+    seen: list[bool]
+    tokenizer: Any
+    max_length: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: Any = contextlib.nullcontext
+    batch_size: int = 256
+    world_size: int = 1
+    group: Any = None
+    images: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        """`zero_shot_metrics`' fields plus `skipped_val` (unreadable val images)."""
+        was_training = self.enc.training
+        self.enc.eval()
+        try:
+            if self.images is None or not self.enc.freeze_vision:
+                self.images = image_embeddings(self.enc, self.loader, self.device,
+                                               self.autocast)
+            img, labels, skipped = self.images
+            cls = class_text_embeddings(self.enc, self.names, self.templates, self.tokenizer,
+                                        self.max_length, self.device, self.autocast,
+                                        self.batch_size)
+            m = zero_shot_metrics(img, labels, cls, self.seen, self.world_size, self.group)
+        finally:
+            self.enc.train(was_training)
+        return {**m, "skipped_val": skipped}
+
+
+def _initial_state() -> dict[str, Any]:
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0,
+            "best_val_top1": None, "best_step": None, "skipped_images": 0,
+            "time_offset_s": 0.0, "zero_shot_top1": None}
+
+
+@dataclass
+class _Sequencer:
+    """Everything around `train_step`: the loop over the budget, evaluations, reports,
+    checkpoints, divergence and the final status. `st` is the loop state that a checkpoint
+    saves and a resume restores."""
+
+    cfg: TrialConfig
+    ctx: WorkerContext
+    enc: DualEncoder
+    optimizer: Any
+    scheduler: Any
+    lr_factor: Callable[[int], float]
+    evaluate: Evaluator
+    sink: TrialSink | None
+    val_wnids: list[str]
+    n_steps: int
+    spe: int
+    global_batch: int
+    t0: float = field(default_factory=time.time)
+    st: dict[str, Any] = field(default_factory=_initial_state)
+
+    def epochs(self) -> float:
+        return self.st["epoch"] + self.st["batch_in_epoch"] / max(1, self.spe)
+
+    def elapsed(self) -> float:
+        return self.st["time_offset_s"] + time.time() - self.t0
+
+    def lr(self) -> float:
+        return self.cfg.train.lr * self.lr_factor(self.st["step"])
+
+    def train(self, loader: Any, sampler: D.GlobalBatchSampler,
+              step: Callable[[dict[str, Any]], torch.Tensor]) -> None:
+        """Step until the budget is spent, evaluating when due. The loss stays on the
+        device and is read (a host sync) only at log and evaluation points, or at every step
+        on the CPU where reading it costs nothing, so that a divergence stops at once."""
+        cfg, st, device = self.cfg, self.st, self.ctx.device
+        every, log_every = cfg.eval.every_steps, cfg.train.log_every_steps
+        loss_sum = torch.zeros((), device=device)
+        n_loss, t_int, n_int = 0, time.time(), 0
+        while st["step"] < self.n_steps:
+            sampler.epoch, sampler.skip_batches = st["epoch"], st["batch_in_epoch"]
+            steps_before = st["step"]
+            for batch in loader:
+                st["skipped_images"] += batch["skipped"]
+                st["batch_in_epoch"] += 1  # a batch of unreadable images is a position too
+                stepped = bool(batch["size"])
+                if stepped:
+                    loss_sum += step(_to_device(batch, device))
+                    n_loss, st["step"] = n_loss + 1, st["step"] + 1
+                    st["samples_seen"] += self.global_batch
+                    n_int += self.global_batch
+                end_of_epoch = st["batch_in_epoch"] >= self.spe
+                last = st["step"] >= self.n_steps
+                due_eval = last or (stepped and st["step"] % every == 0 if every
+                                    else end_of_epoch)
+                due_log = stepped and st["step"] % log_every == 0
+                loss = None
+                if due_eval or due_log or device.type == "cpu":
+                    loss = self._mean_loss(loss_sum, n_loss)
+                    if loss is not None and not math.isfinite(loss):
+                        raise Diverged(f"non-finite loss at step {st['step']}")
+                if end_of_epoch:
+                    st["epoch"], st["batch_in_epoch"] = st["epoch"] + 1, 0
+                if due_eval or due_log:
+                    dt = time.time() - t_int
+                    sps = n_int / dt if dt > 0 and n_int else None
+                    _progress(cfg, self.ctx, st, self.n_steps, loss, sps)
+                    if due_eval:
+                        self.report(loss, sps)
+                        loss_sum.zero_()
+                        n_loss, t_int, n_int = 0, time.time(), 0
+                if last or end_of_epoch:
+                    break
+            if st["step"] == steps_before:
+                raise D.DataError(f"epoch {st['epoch']}: no readable training image")
+
+    def _mean_loss(self, loss_sum: torch.Tensor, n: int) -> float | None:
+        """Mean global loss per step since the last report (a host sync). Each rank holds
+        its share of the global loss; the mean of the shares is the global loss."""
+        if self.ctx.world_size > 1:
+            loss_sum = loss_sum.clone()
+            dist.all_reduce(loss_sum, group=self.ctx.group)
+            loss_sum /= self.ctx.world_size
+        return loss_sum.item() / n if n else None
+
+    def report(self, train_loss: float | None, samples_per_s: float | None) -> dict[str, Any]:
+        """Evaluate, append the history and per-class rows, and hand the metrics (listed in
+        `run_trial`'s docstring) with a checkpoint (written by rank 0) to `ctx.report`."""
+        st = self.st
+        m = self.evaluate()
+        per_class, skipped_val = m.pop("per_class"), m.pop("skipped_val")
+        if st["step"] == 0:
+            st["zero_shot_top1"] = m["val_top1"]
+        if m["val_top1"] is not None and (st["best_val_top1"] is None
+                                          or m["val_top1"] > st["best_val_top1"]):
+            st["best_val_top1"], st["best_step"] = m["val_top1"], st["step"]
+        metrics = {
+            "epoch": self.epochs(), "step": st["step"], "samples_seen": st["samples_seen"],
+            "train_loss": train_loss, "lr": self.lr(),
+            "logit_scale": self.enc.logit_scale.detach().float().exp().item(),
+            "logit_bias": self.enc.logit_bias.detach().float().item(),
+            **m,
+            "samples_per_s": samples_per_s, "time_s": self.elapsed(),
+            "skipped_images": st["skipped_images"] + skipped_val,
+            "best_val_top1": st["best_val_top1"], "best_step": st["best_step"],
+        }
+        ckpt_dir = None
+        if self.sink:
+            self.sink.append_history(metrics)
+            self.sink.append_per_class(st["step"],
+                                       dict(zip(self.val_wnids, per_class, strict=True)))
+            ckpt_dir = Path(tempfile.mkdtemp(prefix="sweeper-ckpt-"))
+            save_checkpoint(ckpt_dir, self.enc, self.optimizer, self.scheduler,
+                            {**st, "time_offset_s": metrics["time_s"]})
+        try:
+            self.ctx.report(metrics, ckpt_dir)
+        finally:
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return metrics
+
+    def diverged(self, err: Diverged) -> None:
+        """Record a divergence: one history row and one report, without a checkpoint."""
+        st = self.st
+        log.warning("%s: %s", self.cfg.trial_id, err)
+        row = {"epoch": self.epochs(), "step": st["step"], "samples_seen": st["samples_seen"],
+               "train_loss": float("nan"), "lr": self.lr(), "time_s": self.elapsed(),
+               "diverged": True}
+        if self.sink:
+            self.sink.append_history(row)
+        # val_top1 present (None) so a Tune scheduler on val_top1 accepts the result.
+        self.ctx.report({**row, "val_top1": None}, None)
+
+    def finish(self, status: str, error: str | None, model: Any, processor: Any
+               ) -> dict[str, Any]:
+        """The final status fields (status.json); `final_model/` when `train.save_final`."""
+        st = self.st
+        final = {"status": status, "error": error, "best_val_top1": st["best_val_top1"],
+                 "best_step": st["best_step"], "zero_shot_top1": st["zero_shot_top1"],
+                 "steps": st["step"], "samples_seen": st["samples_seen"],
+                 "epochs": self.epochs(), "skipped_images": st["skipped_images"],
+                 "ended_at": _now(), "wall_time_s": self.elapsed()}
+        if self.sink:
+            if self.cfg.train.save_final and status == "terminated":
+                save_final_model(self.ctx.trial_dir / "final_model", model, processor)
+            self.sink.update_status(**final)
+        return final
+
+
+def save_final_model(out: Path, model: Any, processor: Any) -> None:
+    """`save_pretrained` of the model and processor into `out` (loadable with
+    `AutoModel`/`AutoProcessor.from_pretrained`), written beside it and renamed into place
+    so that a reader never sees half a model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
-    """Fine-tune and evaluate one trial; returns the final status fields."""
+    """Fine-tune and evaluate one trial; returns the final status fields.
+
+    Evaluates zero-shot before the first update (step 0), then every epoch, or every
+    `eval.every_steps` steps, and after the last step. Each evaluation reports, through
+    `ctx.report(metrics, checkpoint_dir)`, and appends to history.jsonl:
+
+    - `epoch` (fractional: epochs done + batches into the current one / steps per epoch),
+      `step` (optimizer updates), `samples_seen` (training samples drawn over all workers);
+    - `train_loss`: mean global-batch loss over the steps since the previous report (None at
+      step 0); `lr`: `train.lr` times the schedule factor of the next update (towers with
+      their own learning rate follow the same factor);
+    - `logit_scale`: the temperature as the loss applies it, exp(model.logit_scale), not the
+      raw log-parameter; `logit_bias`: the sigmoid loss's bias as stored;
+    - `val_top1`, `val_top5` over the eval classes; `val_top1_seen` / `val_top1_unseen`
+      over the val images of classes trained on / not (None when there are none);
+    - `samples_per_s`: training throughput since the previous report, evaluation excluded;
+      `time_s`: wall time since the trial started, carried over resumes;
+      `skipped_images`: unreadable images skipped so far;
+    - `best_val_top1` and `best_step`: the best val_top1 so far and the step it was reached.
+
+    Per-class top-1 goes to per_class.jsonl. A non-finite loss ends the trial with status
+    `diverged` (no exception). With `ctx.resume_from` the loop continues from that
+    checkpoint's step, the history after it dropped.
+    """
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     device = ctx.device
@@ -304,25 +590,28 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
             enc, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(enc, cfg.train), lr=cfg.train.lr)
     n_steps, spe = total_steps(cfg, len(td.train))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, n_steps))
+    lr_factor = lr_lambda(cfg.train, n_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     loss_fn = make_loss_fn(cfg, ctx.group)
-    autocast = _autocast(cfg, device)
-    collate = D.Collate(tokenizer, max_len)
+    precision = resolve_precision(cfg.train.precision, device)
+    autocast = _autocast(precision, device)
     sampler = D.GlobalBatchSampler(len(td.train), cfg.batch_size, ctx.rank, ctx.world_size,
                                    cfg.seed)
-    loader = D.make_loader(td.train, sampler, collate, cfg.data.num_workers,
-                           pin_memory=device.type == "cuda")
+    loader = D.make_loader(td.train, sampler, D.Collate(tokenizer, max_len),
+                           cfg.data.num_workers, pin_memory=device.type == "cuda")
     val_loader = _val_loader(td.val_samples, td.val_names, transform, tokenizer, max_len, ctx,
                              cfg.eval.batch_size, cfg.data.num_workers)
-
-    st: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0,
-                          "best_val_top1": None, "best_step": None, "skipped_images": 0,
-                          "time_offset_s": 0.0, "zero_shot_top1": None}
+    evaluate = Evaluator(enc, val_loader, td.val_names, td.eval_templates, td.seen, tokenizer,
+                         max_len, device, autocast, cfg.eval.batch_size, ctx.world_size,
+                         ctx.group)
+    seq = _Sequencer(cfg, ctx, enc, optimizer, scheduler, lr_factor, evaluate, sink,
+                     td.val_wnids, n_steps, spe, global_batch_size(cfg, len(td.train)), t0)
     resumed = ctx.resume_from is not None
     if resumed:
-        st.update(load_checkpoint(Path(ctx.resume_from), enc, optimizer, scheduler))
+        seq.st.update(load_checkpoint(Path(ctx.resume_from), enc, optimizer, scheduler,
+                                      restore_rng=True))
         if sink:
-            sink.truncate_after(st["step"])
+            sink.truncate_after(seq.st["step"])
     if sink:
         sink.update_status(
             status="running", started_at=_now(), train_classes=td.train_classes,
@@ -331,115 +620,21 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
             n_train_images=len(td.train), n_val_images=len(td.val_samples),
             left_out_no_caption=td.left_out_no_caption, total_steps=n_steps,
             steps_per_epoch=spe, world_size=ctx.world_size, device=str(device),
-            restarts=int(sink.status().get("restarts", -1)) + 1)
-    cache: dict[str, Any] = {}
-
-    def evaluate_and_report(train_loss: float | None, lr: float, sps: float | None) -> None:
-        enc.eval()
-        if "val" not in cache or not cfg.freeze_vision:
-            # With a frozen vision tower the val image embeddings never change: once per trial.
-            cache["val"] = image_embeddings(enc, val_loader, device, autocast)
-        img, labels, skipped = cache["val"]
-        cls = class_text_embeddings(enc, td.val_names, td.eval_templates, tokenizer, max_len,
-                                    device, autocast)
-        m = zero_shot_metrics(img, labels, cls, td.seen, ctx.world_size, ctx.group)
-        enc.train()
-        per_class = m.pop("per_class")
-        if st["step"] == 0:
-            st["zero_shot_top1"] = m["val_top1"]
-        if m["val_top1"] is not None and (st["best_val_top1"] is None
-                                          or m["val_top1"] > st["best_val_top1"]):
-            st["best_val_top1"], st["best_step"] = m["val_top1"], st["step"]
-        metrics = {
-            "epoch": st["epoch"] + st["batch_in_epoch"] / max(1, spe),
-            "step": st["step"], "samples_seen": st["samples_seen"],
-            "train_loss": train_loss, "lr": lr,
-            "logit_scale": enc.logit_scale.detach().float().exp().item(),
-            "logit_bias": enc.logit_bias.detach().float().item(),
-            **m,
-            "samples_per_s": sps, "time_s": st["time_offset_s"] + time.time() - t0,
-            "skipped_images": st["skipped_images"] + skipped,
-            "best_val_top1": st["best_val_top1"], "best_step": st["best_step"],
-        }
-        ckpt_dir = None
-        if sink:
-            sink.append_history(metrics)
-            sink.append_per_class(st["step"], dict(zip(td.val_wnids, per_class, strict=True)))
-            if st["step"] > 0:
-                ckpt_dir = Path(tempfile.mkdtemp(prefix="sweeper-ckpt-"))
-                save_checkpoint(ckpt_dir, enc, optimizer, scheduler,
-                                {**st, "time_offset_s": metrics["time_s"]})
-        ctx.report(metrics, ckpt_dir)
-        if ckpt_dir is not None:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-
+            precision=precision, restarts=int(sink.status().get("restarts", -1)) + 1)
     enc.train()
     if not resumed:
-        evaluate_and_report(None, scheduler.get_last_lr()[0], None)
-    loss_sum = torch.zeros((), device=device)
-    n_loss, t_int, n_int = 0, time.time(), 0
-    status = "terminated"
+        seq.report(None, None)  # zero-shot, step 0
+
+    def step(batch: dict[str, Any]) -> torch.Tensor:
+        return train_step(ddp, batch, optimizer, scheduler, loss_fn, cfg.train.max_grad_norm,
+                          autocast)
+
     try:
-        while st["step"] < n_steps:
-            sampler.epoch, sampler.skip_batches = st["epoch"], st["batch_in_epoch"]
-            for batch in loader:
-                st["skipped_images"] += batch["skipped"]
-                if not batch["size"]:
-                    continue
-                batch = _to_device(batch, device)
-                loss = train_step(ddp, batch, optimizer, scheduler, loss_fn,
-                                  cfg.train.max_grad_norm, autocast)
-                loss_sum += loss
-                n_loss += 1
-                st["step"] += 1
-                st["batch_in_epoch"] += 1
-                st["samples_seen"] += cfg.batch_size
-                n_int += cfg.batch_size
-                end_of_epoch = st["batch_in_epoch"] >= spe
-                last = st["step"] >= n_steps
-                every = cfg.eval.every_steps
-                due_eval = last or (every and st["step"] % every == 0) or (
-                    not every and end_of_epoch)
-                # Reading the loss syncs with the device: only at log/eval points, or every
-                # step on the CPU where it is free, so divergence stops the trial at once.
-                check = due_eval or device.type == "cpu" or (
-                    st["step"] % cfg.train.log_every_steps == 0)
-                if check and not torch.isfinite(loss_sum):
-                    raise Diverged(f"non-finite loss at step {st['step']}")
-                if end_of_epoch:
-                    st["epoch"] += 1
-                    st["batch_in_epoch"] = 0
-                if due_eval:
-                    dt = time.time() - t_int
-                    evaluate_and_report(loss_sum.item() / max(1, n_loss),
-                                        scheduler.get_last_lr()[0], n_int / dt if dt else None)
-                    _progress(cfg, ctx, st, n_steps, loss_sum.item() / max(1, n_loss), n_int / dt)
-                    loss_sum.zero_()
-                    n_loss, t_int, n_int = 0, time.time(), 0
-                if last or end_of_epoch:
-                    break
+        seq.train(loader, sampler, step)
     except Diverged as e:
-        status = "diverged"
-        log.warning("%s: %s", cfg.trial_id, e)
-        if sink:
-            sink.append_history({"step": st["step"], "epoch": st["epoch"],
-                                 "samples_seen": st["samples_seen"], "train_loss": float("nan"),
-                                 "time_s": time.time() - t0 + st["time_offset_s"]})
-        ctx.report({"step": st["step"], "diverged": True}, None)
-    final = {"status": status, "best_val_top1": st["best_val_top1"],
-             "best_step": st["best_step"], "zero_shot_top1": st["zero_shot_top1"],
-             "steps": st["step"], "samples_seen": st["samples_seen"],
-             "epochs": st["epoch"] + st["batch_in_epoch"] / max(1, spe),
-             "skipped_images": st["skipped_images"], "ended_at": _now(),
-             "wall_time_s": st["time_offset_s"] + time.time() - t0,
-             "error": f"non-finite loss at step {st['step']}" if status == "diverged" else None}
-    if sink:
-        if cfg.train.save_final and status == "terminated":
-            out = ctx.trial_dir / "final_model"
-            model.save_pretrained(out)
-            processor.save_pretrained(out)
-        sink.update_status(**final)
-    return final
+        seq.diverged(e)
+        return seq.finish("diverged", str(e), model, processor)
+    return seq.finish("terminated", None, model, processor)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -450,11 +645,12 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _progress(cfg: TrialConfig, ctx: WorkerContext, st: dict[str, Any], n_steps: int,
-              loss: float, sps: float) -> None:
+              loss: float | None, sps: float | None) -> None:
     if ctx.rank == 0:
         left = (n_steps - st["step"]) * cfg.batch_size / sps if sps else float("nan")
-        log.info("[%s] epoch %d step %d/%d loss %.4f %.1f samples/s ETA %.0fs", cfg.trial_id,
-                 st["epoch"], st["step"], n_steps, loss, sps, left)
+        log.info("[%s] epoch %d step %d/%d loss %s %s samples/s ETA %.0fs", cfg.trial_id,
+                 st["epoch"], st["step"], n_steps, "-" if loss is None else f"{loss:.4f}",
+                 "-" if sps is None else f"{sps:.1f}", left)
 
 
 def _now() -> str:
