@@ -2,12 +2,14 @@
 
 `resolve_pretrained(model_spec)` turns `model.pretrained` into a directory or hub id that
 `AutoModel.from_pretrained` / `AutoProcessor.from_pretrained` load, exactly as for a hub
-checkpoint. The `tiny` preset is a small SigLIP with a word-level tokenizer, built offline
-and pretrained once on synthetic data (see `sweeper.pretrain`), cached by its config.
+checkpoint. The presets are built offline and pretrained once on synthetic data (see
+`sweeper.pretrain`), cached by their config `model.tiny`: `tiny` is a small SigLIP,
+`tiny-clip` a CLIP of the same shape; both use a word-level tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -18,10 +20,41 @@ from torch import nn
 
 SIGLIP_INIT_SCALE = math.log(10.0)
 SIGLIP_INIT_BIAS = -10.0
+# `model.pretrained` -> architecture of the offline presets.
+PRESETS = {"tiny": "siglip", "tiny-clip": "clip"}
 
 
 class ModelError(ValueError):
     """A model that cannot be loaded (one line, naming `model.pretrained`)."""
+
+
+def _word_tokenizer(vocab: list[str], max_length: int, bos: str | None, eos: str,
+                    template: str) -> Any:
+    """A lower-casing word-level fast tokenizer: ids `<pad>` = 0, `<unk>` = 1, then `bos`
+    (if any), `eos`, then `vocab`; `template` (TemplateProcessing syntax) adds bos/eos."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", *([bos] if bos else []), eos]
+    table = {w: i for i, w in enumerate(specials + [w for w in vocab if w not in specials])}
+    tok = Tokenizer(WordLevel(table, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tok.post_processor = TemplateProcessing(
+        single=template, special_tokens=[(t, table[t]) for t in specials[2:]])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token=eos, model_max_length=max_length,
+                                   **({"bos_token": bos} if bos else {}))
+
+
+def _tower_sizes(tiny: Any) -> dict[str, int]:
+    h = tiny.hidden_size
+    return dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=tiny.num_layers,
+                num_attention_heads=tiny.num_heads)
 
 
 def build_tiny(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
@@ -30,44 +63,18 @@ def build_tiny(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
     Temperature and bias start at the paper's init (log 10, -10): Hugging Face's fresh
     SiglipModel sets both to 0, from which a small model learns nothing in a few epochs.
     """
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from tokenizers.processors import TemplateProcessing
-    from transformers import (
-        PreTrainedTokenizerFast,
-        SiglipConfig,
-        SiglipImageProcessor,
-        SiglipModel,
-        SiglipProcessor,
-    )
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
-    specials = ["<pad>", "<unk>", "</s>"]
-    table = {w: i for i, w in enumerate(specials + [w for w in vocab if w not in specials])}
-    tok = Tokenizer(WordLevel(table, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="</s>",
-        model_max_length=tiny.max_length,
-    )
+    tokenizer = _word_tokenizer(vocab, tiny.max_length, None, "</s>", "$A </s>")
     size = tiny.image_size
     image_processor = SiglipImageProcessor(
         size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
     processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    h = tiny.hidden_size
-    common = dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=tiny.num_layers,
-                  num_attention_heads=tiny.num_heads)
     config = SiglipConfig(
-        text_config=dict(vocab_size=len(table), max_position_embeddings=tiny.max_length,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=2, **common),
-        vision_config=dict(image_size=size, patch_size=tiny.patch_size, **common),
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=tiny.max_length,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=2, **_tower_sizes(tiny)),
+        vision_config=dict(image_size=size, patch_size=tiny.patch_size, **_tower_sizes(tiny)),
     )
     torch.manual_seed(tiny.seed)
     model = SiglipModel(config)
@@ -77,13 +84,41 @@ def build_tiny(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
     return model, processor
 
 
+def build_tiny_clip(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
+    """A freshly initialised tiny CLIP and its processor, laid out like the hub's CLIP
+    checkpoints: start/end-of-text tokens around the text (the text tower pools the first
+    end-of-text token, so padding is masked and never pooled), a `CLIPImageProcessor`
+    resizing the shortest edge then centre-cropping, the OpenAI mean/std, and CLIP's own
+    temperature init (1/0.07) and no bias.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _word_tokenizer(vocab, tiny.max_length, "<|startoftext|>", "<|endoftext|>",
+                                "<|startoftext|> $A <|endoftext|>")
+    size = tiny.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size},
+                                         crop_size={"height": size, "width": size},
+                                         do_center_crop=True)
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    # eos_token_id must not be 2: HF's CLIP reads 2 as the original checkpoints' marker and
+    # then pools at the highest token id (the original vocabulary's end-of-text) instead.
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=tiny.max_length,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, **_tower_sizes(tiny)),
+        vision_config=dict(image_size=size, patch_size=tiny.patch_size, **_tower_sizes(tiny)),
+        projection_dim=tiny.hidden_size,
+    )
+    torch.manual_seed(tiny.seed)
+    return CLIPModel(config), processor
+
+
 def resolve_pretrained(model_spec: Any, cache_dir: str | Path | None = None) -> str:
     """A directory or hub id for `from_pretrained`; builds the tiny preset on first use."""
     name = model_spec.pretrained
-    if name == "tiny":
+    if name in PRESETS:
         from sweeper.pretrain import ensure_tiny
 
-        return str(ensure_tiny(model_spec.tiny, cache_dir))
+        return str(ensure_tiny(model_spec.tiny, cache_dir, arch=PRESETS[name]))
     p = Path(name).expanduser()
     if p.exists() or name.startswith((".", "/", "~")):
         if not p.exists():
@@ -98,7 +133,7 @@ def resolve_pretrained(model_spec: Any, cache_dir: str | Path | None = None) -> 
 def check_loadable(model_spec: Any) -> None:
     """Refuse, before any trial starts, a model that cannot be found (offline hub, typo)."""
     name = model_spec.pretrained
-    if name == "tiny":
+    if name in PRESETS:
         return
     path = resolve_pretrained(model_spec)
     if Path(path).is_dir():
@@ -139,7 +174,31 @@ def load_pretrained(model_spec: Any, cache_dir: str | Path | None = None) -> tup
         hint = " (HF_HUB_OFFLINE=1)" if offline else " (hub unreachable or no such model?)"
         raise ModelError(f"model.pretrained: cannot load {model_spec.pretrained!r}{hint}: "
                          f"{str(e).splitlines()[0]}") from None
+    if getattr(model, "logit_bias", None) is None and Path(path).is_dir():
+        bias = saved_logit_bias(Path(path))
+        if bias is not None:  # a CLIP fine-tuned here with the sigmoid loss: see DualEncoder
+            model.register_parameter("logit_bias", nn.Parameter(bias))
     return model, processor
+
+
+def saved_logit_bias(model_dir: Path) -> torch.Tensor | None:
+    """The `logit_bias` tensor of a saved model directory, if its weights hold one.
+
+    Hugging Face's loader drops (and reports as UNEXPECTED) a weight its class does not
+    declare, such as the sigmoid bias `DualEncoder` adds to a CLIP; this reads it back."""
+    from safetensors import safe_open
+
+    files = [model_dir / "model.safetensors"]
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shard = json.loads(index.read_text()).get("weight_map", {}).get("logit_bias")
+        files = [model_dir / shard] if shard else []
+    for f in files:
+        if f.is_file():
+            with safe_open(str(f), "pt") as st:
+                if "logit_bias" in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    return st.get_tensor("logit_bias")
+    return None
 
 
 def _features(out: Any) -> torch.Tensor:
@@ -156,8 +215,15 @@ class DualEncoder(nn.Module):
     gradient hooks), with the temperature/bias the loss needs.
 
     `forward` returns L2-normalised image and text embeddings `[b, d]`. A frozen vision
-    tower runs in eval mode under `no_grad` (no activations kept for it). A CLIP checkpoint
-    trained with the sigmoid loss gets a new bias initialised at -10.
+    tower (`freeze_vision`: LiT, SigLiT) has `requires_grad=False` (so it is neither in the
+    optimizer nor in DDP's buckets) and runs in eval mode under `no_grad` (no activations
+    kept for it).
+
+    The bias: the sigmoid loss trains the checkpoint's `logit_bias` (SigLIP). A checkpoint
+    without one (CLIP) trained with the sigmoid loss gets a new bias initialised at -10,
+    registered on the Hugging Face model itself, so the trial checkpoints, `save_pretrained`
+    and `load_pretrained` all carry it. The softmax loss ignores the bias: it stays frozen
+    (a SigLIP's is kept unchanged, a CLIP gets an unsaved placeholder for the metrics).
     """
 
     def __init__(self, model: nn.Module, loss: str = "sigmoid",
@@ -166,10 +232,12 @@ class DualEncoder(nn.Module):
         self.model = model
         self.freeze_vision = freeze_vision
         self.loss = loss
-        if getattr(model, "logit_bias", None) is not None:
-            self.logit_bias = model.logit_bias
-        else:
-            self.logit_bias = nn.Parameter(torch.tensor([SIGLIP_INIT_BIAS]))
+        bias = getattr(model, "logit_bias", None)
+        if bias is None:
+            bias = nn.Parameter(torch.tensor([SIGLIP_INIT_BIAS]))
+            if loss == "sigmoid":
+                model.register_parameter("logit_bias", bias)
+        self.logit_bias = bias
         # The softmax loss never touches the bias: keep it out of DDP and the optimizer.
         self.logit_bias.requires_grad_(loss == "sigmoid")
         if freeze_vision:

@@ -26,7 +26,7 @@ import torch
 
 from sweeper import data as D
 from sweeper import synthetic
-from sweeper.models import DualEncoder, build_tiny
+from sweeper.models import DualEncoder, build_tiny, build_tiny_clip
 from sweeper.sink import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,21 @@ PRETRAIN_LR = 1e-3
 PRETRAIN_SEED_OFFSET = 1_000
 
 
-def tiny_key(tiny: Any) -> str:
+def tiny_key(tiny: Any, arch: str = "siglip") -> str:
     """Content key of a tiny preset: its config and the code version of this recipe."""
     doc = {"tiny": tiny.model_dump(mode="json"), "recipe": 1, "batch": PRETRAIN_BATCH,
            "lr": PRETRAIN_LR, "templates": PRETRAIN_TEMPLATES}
+    if arch != "siglip":  # the SigLIP preset keeps the keys of caches built before CLIP's
+        doc["arch"] = arch
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def ensure_tiny(tiny: Any, cache_dir: str | Path | None = None) -> Path:
-    """The directory of the pretrained tiny model, built on first use (under a file lock so
-    concurrent trials build it once)."""
+def ensure_tiny(tiny: Any, cache_dir: str | Path | None = None, arch: str = "siglip") -> Path:
+    """The directory of the pretrained tiny model (`arch` "siglip" or "clip"), built on first
+    use (under a file lock so concurrent trials build it once)."""
     base = Path(cache_dir) if cache_dir else synthetic.default_cache_dir()
-    out = base / "models" / f"tiny-{tiny_key(tiny)}"
+    prefix = "tiny" if arch == "siglip" else f"{arch}-tiny"
+    out = base / "models" / f"{prefix}-{tiny_key(tiny, arch)}"
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,15 +71,17 @@ def ensure_tiny(tiny: Any, cache_dir: str | Path | None = None) -> Path:
             return out
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
         try:
-            pretrain_tiny(tiny, tmp, base)
+            pretrain_tiny(tiny, tmp, base, arch)
             os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path) -> dict[str, float]:
-    """Build and pretrain the tiny SigLIP on every synthetic class; save it to `out_dir`."""
+def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path,
+                  arch: str = "siglip") -> dict[str, float]:
+    """Build and pretrain the tiny SigLIP (sigmoid loss) or CLIP (softmax loss) on every
+    synthetic class; save it to `out_dir`."""
     from sweeper.worker import lr_lambda, train_step
 
     t0 = time.time()
@@ -91,22 +96,26 @@ def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path) -> dict[str, float]
     split = D.scan_folder_split(root, "train", names, captions)
     # Each image twice: once with its captions, once with a template of its class name.
     samples = split.samples + [D.Sample(s.path, s.label, ()) for s in split.samples]
-    model, processor = build_tiny(tiny, synthetic.vocabulary())
+    model, processor = (build_tiny if arch == "siglip" else build_tiny_clip)(
+        tiny, synthetic.vocabulary())
     transform = D.ImageTransform.from_processor(processor.image_processor)
     ds = D.ImageTextDataset(samples, split.names, transform, PRETRAIN_TEMPLATES, "mixed",
                             tiny.seed)
     sampler = D.GlobalBatchSampler(len(ds), PRETRAIN_BATCH, seed=tiny.seed)
     loader = D.make_loader(ds, sampler, D.Collate(processor.tokenizer, tiny.max_length), 0)
-    enc = DualEncoder(model, "sigmoid", freeze_vision=False)
+    loss = "sigmoid" if arch == "siglip" else "softmax"
+    enc = DualEncoder(model, loss, freeze_vision=False)
     enc.train()
     opt = torch.optim.AdamW(enc.parameters(), lr=PRETRAIN_LR, weight_decay=1e-4)
     n_steps = tiny.pretrain_epochs * len(sampler)
     warm = type("W", (), {"warmup_steps": min(50, n_steps // 10), "schedule": "cosine"})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warm, n_steps))
-    from sweeper.losses import sigmoid_loss
+    from sweeper.losses import sigmoid_loss, softmax_loss
 
     def loss_fn(img, txt, scale, bias, labels):
         # Same-class texts are frequent here (templates); treat them as positives.
+        if loss == "softmax":
+            return softmax_loss(img, txt, scale, pair_targets="positive", labels=labels)
         return sigmoid_loss(img, txt, scale, bias, pair_targets="positive", labels=labels)
 
     last = float("nan")
@@ -118,6 +127,6 @@ def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path) -> dict[str, float]
     processor.save_pretrained(out_dir)
     stats = {"final_loss": last, "steps": n_steps, "seconds": time.time() - t0}
     atomic_write_json(out_dir / "pretraining.json", {**stats, "config": tiny.model_dump()})
-    log.info("pretrained tiny model in %.0fs (%d steps, loss %.4f)", stats["seconds"],
-             n_steps, last)
+    log.info("pretrained tiny %s model in %.0fs (%d steps, loss %.4f)", arch,
+             stats["seconds"], n_steps, last)
     return stats
