@@ -75,8 +75,9 @@ def prepare_inputs(spec: SweepSpec, cache_dir: str | None) -> None:
         s = spec.data.synthetic
         dataset_dir(s.n_classes, s.train_per_class, s.val_per_class, s.image_size, s.seed, cache)
     else:
-        train, _ = D.load_folder_dataset(spec.data.root, spec.data.class_names,
-                                         spec.data.captions)
+        # Folder or Parquet layout, class names, captions and class lists: refused here,
+        # naming the path or key, before any trial launches.
+        train, _ = D.check_dataset(spec.data, spec.grid.n_train_classes, spec.grid.text_source)
         for i, k in enumerate(spec.grid.n_train_classes):
             if k > len(train.wnids):
                 raise SpecError(f"grid.n_train_classes[{i}]: {k} exceeds the dataset's "

@@ -148,6 +148,11 @@ class DataSpec(_Strict):
     cache_images: bool = False
     cache_dir: str | None = None
 
+    @field_validator("templates", "eval_templates", mode="before")
+    @classmethod
+    def _one_or_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # one template, or a list of them
+
     @field_validator("templates", "eval_templates")
     @classmethod
     def _has_slot(cls, v: list[str] | None) -> list[str] | None:
