@@ -145,8 +145,11 @@ class DataSpec(_Strict):
     train_classes: list[str] | None = None  # explicit class subset (wnids); overrides the draw
     eval_classes: list[str] | None = None
     num_workers: int = Field(0, ge=0)
-    cache_images: bool = False
-    cache_dir: str | None = None
+    cache_images: bool = False  # decode images once to uint8 at the model's resolution
+    cache_dir: str | None = None  # where the caches live (default: <storage>/.cache)
+    # A frozen vision tower's image embeddings computed once, shared by every trial
+    cache_features: bool = True
+    augment: Literal["none", "flip"] = "none"  # flip: seeded horizontal flip (train)
 
     @field_validator("templates", "eval_templates", mode="before")
     @classmethod
@@ -365,6 +368,9 @@ def _resolve_paths(spec: SweepSpec, base_dir: Path) -> SweepSpec:
             cand = (base_dir / val).resolve()
             if cand.exists() or key == "root":
                 upd[key] = str(cand) if cand.exists() else val
+    if data.cache_dir and not Path(data.cache_dir).expanduser().is_absolute():
+        # Made absolute here: Ray workers run in another working directory.
+        upd["cache_dir"] = str((base_dir / data.cache_dir).resolve())
     return spec.model_copy(update={"data": data.model_copy(update=upd)}) if upd else spec
 
 
@@ -412,6 +418,27 @@ def _check_cross_fields(spec: SweepSpec) -> None:
                 raise _validation_error(e, _loc_to_path(("variants", name, section))) from None
     for key, values in (g.model_extra or {}).items():
         _check_extra_axis(spec, key, values)
+    _check_feature_cache(spec)
+
+
+def _check_feature_cache(spec: SweepSpec) -> None:
+    """A frozen tower's cached features are of the unaugmented images: a variant that
+    freezes the vision tower with `data.cache_features` on cannot also augment."""
+    frozen = [v for v in dict.fromkeys(spec.grid.variant) if spec.variants[v].freeze_vision]
+    extra = spec.grid.model_extra or {}
+    caches = extra.get("data.cache_features", [spec.data.cache_features])
+    if not frozen or not any(caches):
+        return
+    if "data.augment" in extra:
+        augs = [(f"grid.data.augment[{i}]", a) for i, a in enumerate(extra["data.augment"])]
+    else:
+        augs = [("data.augment", spec.data.augment)]
+    for key, aug in augs:
+        if aug != "none":
+            raise SpecError(
+                f"{key}: {aug!r} cannot be combined with data.cache_features on variant "
+                f"{frozen[0]!r} (freeze_vision: its image features are computed once, "
+                "unaugmented); set data.cache_features: false or data.augment: none")
 
 
 def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:

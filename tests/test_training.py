@@ -286,6 +286,8 @@ def test_frozen_vision_embeds_val_images_once(tmp_path: Path, cache_dir: Path,
 
     monkeypatch.setattr(DualEncoder, "encode_image", counting)
     cfg = make_cfg(tmp_path, variant=variant, epochs=2, eval={"batch_size": 16})
+    # The tower itself, not the shared feature cache (tests/test_cache.py covers that).
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_features": False})})
     _, reports, _ = run(cfg, tmp_path / "trial", cache_dir)
     assert len(reports) == 3 and calls["train"] == 6
     assert calls["eval"] == 3 * evaluations_per_trial  # 48 val images / 16 per batch

@@ -1,0 +1,151 @@
+"""Per-trial overhead and sweep efficiency of a (trimmed) quickstart through the real CLI.
+
+Each configuration runs `python -m sweeper.run search_spaces/quickstart.yaml` in a fresh
+process (its own local Ray), with a warm cache (the tiny model pretrained and the dataset
+generated beforehand), into a fresh storage folder, trimmed with `--set` (`--quick`: the
+`templates` text source only, 4 trials; otherwise all 8). From the files the trials wrote,
+per trial:
+
+* trial start: the mtime of `trials/<id>/config.json` (the Tune driver writes it first);
+* worker start (`run_trial` entered): mtime(history.jsonl) - time_s of its last row;
+* first step: worker start + time_s of the first row after step 0 - that interval's
+  training time (samples / samples_per_s), i.e. when the first training step began;
+* training time: the sum over the reports of samples / samples_per_s (evaluation,
+  checkpoints and reports excluded).
+
+Figures (medians over trials):
+
+* `trial_overhead_s`: trial start -> first step; split into `trial_ray_start_s` (trial
+  start -> `run_trial`: TorchTrainer, controller and worker actors, process group, worker
+  imports) and `trial_worker_setup_s` (`run_trial` -> first step: model and data loading,
+  caches, the step-0 zero-shot evaluation, its checkpoint and report).
+* `sweep_efficiency`: sum of the trials' training time / (command wall time x
+  concurrency); `sweep_efficiency_tuner` uses the span from the first trial start to the
+  last trial end instead of the command's wall time (no Ray start-up, no report).
+
+Configurations (each prefixes its figures): `default`, and `fastpoll` with
+`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.1` (Ray Train's controller polls its workers every 2 s
+by default: results, and a finished worker group, are seen up to 2 s late).
+`worker_import_s` is what a fresh worker process spends importing torch, transformers and
+Ray Train (paid by every trial: Ray Train starts new worker processes per run).
+
+Run: `python bench/sweep_overhead.py [--quick]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+CONFIGS = {"default": {}, "fastpoll": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}}
+
+
+def trial_times(tdir: Path) -> dict[str, float] | None:
+    from sweeper.sink import read_json, read_jsonl
+
+    hist = read_jsonl(tdir / "history.jsonl")
+    status = read_json(tdir / "status.json") or {}
+    if not hist or status.get("status") != "terminated":
+        return None
+    t0 = (tdir / "history.jsonl").stat().st_mtime - hist[-1]["time_s"]
+    start = (tdir / "config.json").stat().st_mtime
+    train, prev, first = 0.0, 0, None
+    for row in hist:
+        sps = row.get("samples_per_s")
+        if row.get("step", 0) > 0 and sps:
+            dt = (row["samples_seen"] - prev) / sps
+            train += dt
+            if first is None:
+                first = t0 + row["time_s"] - dt
+        prev = row.get("samples_seen", prev)
+    end = (tdir / "status.json").stat().st_mtime
+    return {"start": start, "t0": t0, "first_step": first or t0, "end": end,
+            "train_s": train}
+
+
+def run_config(name: str, env_extra: dict[str, str], overrides: list[str],
+               storage: Path) -> dict[str, float]:
+    env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "sweeper.run", str(common.ROOT / "search_spaces" /
+                                                    "quickstart.yaml"),
+           "--storage", str(storage), "--name", f"qs-{name}"]
+    for o in overrides:
+        cmd += ["--set", o]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=common.ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise RuntimeError(f"{name}: sweep exited {proc.returncode}")
+    trials = [trial_times(d) for d in sorted((storage / f"qs-{name}" / "trials").iterdir())
+              if d.is_dir()]
+    trials = [t for t in trials if t]
+    conc = 2
+    train = sum(t["train_s"] for t in trials)
+    span = max(t["end"] for t in trials) - min(t["start"] for t in trials)
+    med = statistics.median
+    return {
+        "trials": len(trials),
+        "wall_s": wall,
+        "train_s_total": train,
+        "trial_overhead_s": med([t["first_step"] - t["start"] for t in trials]),
+        "trial_ray_start_s": med([t["t0"] - t["start"] for t in trials]),
+        "trial_worker_setup_s": med([t["first_step"] - t["t0"] for t in trials]),
+        "trial_train_s": med([t["train_s"] for t in trials]),
+        "sweep_efficiency": train / (wall * conc),
+        "sweep_efficiency_tuner": train / (span * conc),
+    }
+
+
+def import_seconds() -> float:
+    code = ("import time; t = time.perf_counter(); import torch, transformers; "
+            "from transformers import AutoModel, AutoProcessor; import ray.train.torch; "
+            "print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "RAY_TRAIN_V2_ENABLED": "1"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 trials instead of 8")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    args = ap.parse_args(argv)
+    overrides = ["grid.text_source=[templates]"] if args.quick else []
+    # Warm the cache the sweep uses (the tiny model and the data), as a second run would be.
+    from sweeper.run import prepare_inputs
+    from sweeper.spec import load_spec
+
+    prepare_inputs(load_spec(common.ROOT / "search_spaces" / "quickstart.yaml"), None)
+    work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.configs.split(","):
+        results[name] = run_config(name, CONFIGS[name], overrides, work)
+        for k, v in results[name].items():
+            common.emit(f"{name}_{k}", v)
+    first = results[next(iter(results))]
+    common.emit("trial_overhead_s", first["trial_overhead_s"])
+    common.emit("sweep_efficiency", first["sweep_efficiency"])
+    if "fastpoll" in results and "default" in results:
+        common.emit("fastpoll_saves_s_per_trial",
+                    (results["default"]["wall_s"] - results["fastpoll"]["wall_s"])
+                    / results["default"]["trials"] * 2)
+    common.emit("worker_import_s", import_seconds())
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,584 @@
+"""Caches shared by the trials of a sweep (and by later sweeps on the same storage).
+
+Two stores, both `.npy` arrays that every reader opens memory-mapped (the page cache holds
+one copy per machine, whatever the number of trials, workers and DataLoader processes):
+
+* **Frozen-tower features** (`<root>/features/<key>/`): when a variant freezes the vision
+  tower (SigLiT, LiT) and `data.cache_features` is on, the image embeddings of the train
+  and val splits, `[N, d]` float32, the *normalised* output of `DualEncoder.encode_image`
+  (the frozen tower runs in eval mode: deterministic without augmentation, which is why
+  `data.augment` is refused with it). Trials then train only the text tower and never
+  decode an image.
+* **Decode-once images** (`<root>/images/<key>/`, `data.cache_images`): every image of a
+  split decoded and resized to the model's input resolution once, `[N, H, W, 3]` uint8;
+  normalisation to float happens per batch, on the device (`DeviceBatches`).
+
+`<root>` is `data.cache_dir` if set, else `<storage>/.cache`. A store's `<key>` is a
+content hash of everything its rows depend on: the checkpoint (directory or hub id, its
+config.json and the size and mtime of its files), the image transform's settings, the
+split and the list of `(path, size, mtime_ns)` of the split's files (and, for features,
+the precision they were computed in). Any change gives a new key, so a stale store is
+never read. Rows follow the split's scan order (`data.scan_folder_split`); the whole
+split is cached, so trials with different class subsets share one store.
+
+Stores are built before the trials by Ray tasks (`orchestration`, via `cache_jobs` and
+`run_job`), or, when those did not run (in-process tests, a new variant on resume), by the
+worker itself: rank 0 first, under a file lock, so concurrent trials build a store once.
+A store is written to a temporary folder and renamed into place: readers never see half.
+
+Never imports Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sweeper import data as D
+from sweeper.sink import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+SPLITS = ("train", "val")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def cache_root(data_spec: Any, trial_dir: str | Path | None = None,
+               storage: str | Path | None = None) -> Path:
+    """Where the stores live: `data.cache_dir`, else `<storage>/.cache`. A worker knows
+    its trial folder, `<storage>/<name>/trials/<id>` (sink.py), hence the storage; a trial
+    folder outside that layout (in-process runs) keeps its stores in `<trial_dir>/.cache`."""
+    if getattr(data_spec, "cache_dir", None):
+        return Path(data_spec.cache_dir).expanduser().resolve()
+    if storage is not None:
+        return Path(storage).expanduser().resolve() / ".cache"
+    t = Path(trial_dir or ".").resolve()
+    if t.parent.name == "trials":
+        return t.parents[2] / ".cache"
+    return t / ".cache"
+
+
+def data_root(data_spec: Any, cache_dir: str | Path | None = None) -> Path:
+    """The dataset folder a trial reads (the cached synthetic one, or `data.root`)."""
+    if data_spec.synthetic is not None:
+        from sweeper.synthetic import dataset_dir
+
+        s = data_spec.synthetic
+        return dataset_dir(s.n_classes, s.train_per_class, s.val_per_class, s.image_size,
+                           s.seed, Path(cache_dir) if cache_dir else None)
+    return Path(data_spec.root)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_fingerprint(pretrained: str) -> dict[str, Any]:
+    """What identifies a checkpoint's weights, without loading them: for a directory its
+    path, a hash of its config.json and the (name, size, mtime_ns) of its files; for a hub
+    id the id and, when the hub cache holds it, the config's hash and snapshot (revision)."""
+    p = Path(pretrained)
+    if p.is_dir():
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
+                       if f.is_file() and not f.name.startswith("."))
+        cfg = p / "config.json"
+        return {"checkpoint": str(p.resolve()), "files": files,
+                "config": hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None}
+    out: dict[str, Any] = {"checkpoint": pretrained, "config": None, "revision": None}
+    with contextlib.suppress(Exception):  # no hub library or nothing cached: the id alone
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(pretrained, "config.json")
+        if isinstance(cached, str) and Path(cached).is_file():
+            out["config"] = hashlib.sha256(Path(cached).read_bytes()).hexdigest()
+            out["revision"] = Path(cached).parent.name  # snapshots/<commit>/config.json
+    return out
+
+
+@dataclass
+class SplitListing:
+    """Every image file of one split, in scan order (= row order of its stores)."""
+
+    root: str
+    split: str
+    samples: list[D.Sample]
+    digest: str  # sha256 over (path, size, mtime_ns) of every file
+
+    @property
+    def paths(self) -> list[str]:
+        return [s.path for s in self.samples]
+
+    @classmethod
+    def scan(cls, root: str | Path, split: str) -> SplitListing:
+        samples = D.scan_folder_split(Path(root), split, None, {}).samples
+        h = hashlib.sha256()
+        for s in samples:
+            st = os.stat(s.path)
+            h.update(f"{s.path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return cls(str(root), split, samples, h.hexdigest())
+
+    def rows(self, samples: list[D.Sample]) -> np.ndarray:
+        """Row of each sample in this split's stores (KeyError: not in the split)."""
+        index = {os.path.normpath(p): i for i, p in enumerate(self.paths)}
+        return np.array([index[os.path.normpath(s.path)] for s in samples], dtype=np.int64)
+
+
+def transform_settings(transform: D.ImageTransform) -> dict[str, Any]:
+    return dataclasses.asdict(transform)
+
+
+def feature_key(checkpoint: dict[str, Any], transform: D.ImageTransform,
+                listing: SplitListing, precision: str) -> str:
+    """Content key of a split's frozen-tower features."""
+    return _sha({"v": CACHE_VERSION, "kind": "features", "checkpoint": checkpoint,
+                 "transform": transform_settings(transform), "split": listing.split,
+                 "files": listing.digest, "precision": precision})[:24]
+
+
+def image_key(transform: D.ImageTransform, listing: SplitListing) -> str:
+    """Content key of a split's decoded uint8 images (only the resize settings matter, but
+    the whole transform is hashed: simpler and never stale)."""
+    return _sha({"v": CACHE_VERSION, "kind": "images",
+                 "transform": transform_settings(transform), "split": listing.split,
+                 "files": listing.digest})[:24]
+
+
+# --------------------------------------------------------------------------- stores
+
+
+class ArrayStore:
+    """One cached array on disk: `data.npy` [N, ...], `ok.npy` [N] bool (False: the image
+    could not be decoded; its row is zeros) and `meta.json`.
+
+    The arrays are opened memory-mapped on first use in each process, and the store
+    pickles as its folder: DataLoader workers and other processes map the same file
+    instead of receiving a copy."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self._data: np.ndarray | None = None
+        self._ok: np.ndarray | None = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._data is None:
+            self._data = np.load(self.dir / "data.npy", mmap_mode="r")
+        return self._data
+
+    @property
+    def ok(self) -> np.ndarray:
+        if self._ok is None:
+            self._ok = np.load(self.dir / "ok.npy")
+        return self._ok
+
+    def __len__(self) -> int:
+        return int(self.meta["n"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_data": None, "_ok": None}
+
+
+def _complete(directory: Path) -> bool:
+    return (directory / "meta.json").is_file()
+
+
+def ensure_store(directory: Path, build: Callable[[Path], dict[str, Any]]) -> ArrayStore:
+    """The store in `directory`, built by `build(tmp_dir)` (which writes data.npy and
+    ok.npy and returns metadata) if absent: under a file lock beside it, in a temporary
+    folder renamed into place, so concurrent builders build once and readers never see a
+    partial store."""
+    if _complete(directory):
+        return ArrayStore(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(directory):
+            return ArrayStore(directory)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+        try:
+            t0 = time.time()
+            meta = build(tmp)
+            meta["build_s"] = round(time.time() - t0, 3)
+            meta["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            atomic_write_json(tmp / "meta.json", meta)
+            os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cache: built %s in %.1fs", directory, ArrayStore(directory).meta["build_s"])
+    return ArrayStore(directory)
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Image i of a split resized for the model (HWC uint8), read exactly as training reads
+    it (`ImageTextDataset.load_uint8`), and whether it could be read (an unreadable image
+    gives zeros and False; the trials then skip it as they would when decoding)."""
+
+    def __init__(self, listing: SplitListing, transform: D.ImageTransform) -> None:
+        self.ds = D.ImageTextDataset(listing.samples, [], transform, ["{}"], "templates", 0,
+                                     root=listing.root)
+        self.size = transform.output_size
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, bool]:
+        arr = self.ds.load_uint8(i)
+        if arr is None:
+            h, w = self.size or (1, 1)
+            return np.zeros((h, w, 3), np.uint8), False
+        return np.require(arr, requirements=["C", "W"]), True  # torch wants writable
+
+
+def _decoded(listing: SplitListing, transform: D.ImageTransform, batch_size: int,
+             num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches (uint8 [b, H, W, 3], ok [b]); one image per batch when the model's input
+    size depends on the image (shortest-edge resize without a crop)."""
+    bs = batch_size if transform.output_size is not None else 1
+    yield from torch.utils.data.DataLoader(_Decode(listing, transform), batch_size=bs,
+                                           num_workers=num_workers)
+
+
+def _write_rows(tmp: Path, n: int, batches: Iterator[tuple[np.ndarray, np.ndarray]],
+                dtype: Any, empty_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Stream (rows, ok) batches into tmp/data.npy (allocated at the first batch) and
+    tmp/ok.npy; returns the array's shape."""
+    out, ok_all, i = None, np.zeros(n, dtype=bool), 0
+    for rows, ok in batches:
+        if out is None:
+            out = np.lib.format.open_memmap(tmp / "data.npy", mode="w+", dtype=dtype,
+                                            shape=(n, *rows.shape[1:]))
+        out[i:i + len(rows)] = rows
+        ok_all[i:i + len(rows)] = ok
+        i += len(rows)
+    if out is None:
+        out = np.lib.format.open_memmap(tmp / "data.npy", mode="w+", dtype=dtype,
+                                        shape=(0, *empty_shape))
+    out.flush()
+    shape = tuple(out.shape)
+    del out
+    np.save(tmp / "ok.npy", ok_all)
+    return shape
+
+
+def ensure_image_cache(root: Path, listing: SplitListing, transform: D.ImageTransform,
+                       batch_size: int = 64, num_workers: int = 0) -> ArrayStore:
+    """The decode-once uint8 store of a split, built if absent."""
+    key = image_key(transform, listing)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        h, w = transform.output_size
+        shape = _write_rows(tmp, len(listing.paths),
+                            ((u8.numpy(), ok.numpy()) for u8, ok in
+                             _decoded(listing, transform, batch_size, num_workers)),
+                            np.uint8, (h, w, 3))
+        return {"kind": "images", "key": key, "n": len(listing.paths), "shape": shape,
+                "split": listing.split, "root": listing.root,
+                "transform": transform_settings(transform)}
+
+    return ensure_store(root / "images" / key, build)
+
+
+@torch.no_grad()
+def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.ImageTransform,
+                         enc: Any, checkpoint: dict[str, Any], precision: str,
+                         device: torch.device, batch_size: int = 256,
+                         num_workers: int = 0) -> ArrayStore:
+    """The frozen-tower feature store of a split, built with `enc` (a `DualEncoder` whose
+    vision tower is the checkpoint's, frozen) if absent."""
+    key = feature_key(checkpoint, transform, listing, precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+        if precision == "bf16" else contextlib.nullcontext
+
+    def embed() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        was_training = enc.training
+        enc.eval()
+        try:
+            for u8, ok in _decoded(listing, transform, batch_size, num_workers):
+                pixels = transform.normalize(u8).to(device, non_blocking=True)
+                with autocast():
+                    e = enc.encode_image(pixels)
+                yield e.float().cpu().numpy(), ok.numpy()
+        finally:
+            enc.train(was_training)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        shape = _write_rows(tmp, len(listing.paths), embed(), np.float32, (0,))
+        return {"kind": "features", "key": key, "n": len(listing.paths), "shape": shape,
+                "split": listing.split, "root": listing.root, "checkpoint": checkpoint,
+                "precision": precision, "device": str(device),
+                "transform": transform_settings(transform)}
+
+    return ensure_store(root / "features" / key, build)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class CachedDataset(D.ImageTextDataset):
+    """`base` (an `ImageTextDataset`: same samples, texts, indexing by `(index, epoch)`,
+    normalisation and substitution of unreadable images) with each image read from a
+    decode-once store row (uint8 [H, W, 3]) instead of decoded: `rows[i]` is sample i's row.
+    A row whose image did not decode when the store was built counts as unreadable."""
+
+    def __init__(self, base: D.ImageTextDataset, store: ArrayStore, rows: np.ndarray) -> None:
+        self.__dict__.update(base.__dict__)  # whatever fields the base dataset has
+        self.store, self.rows = store, rows
+
+    def load_uint8(self, index: int) -> np.ndarray | None:
+        r = int(self.rows[index])
+        if not self.store.ok[r]:
+            return None  # logged when the store was built
+        # One row out of the memory map, copied (torch refuses read-only arrays).
+        return np.array(self.store.array[r])
+
+
+class FeatureDataset(CachedDataset):
+    """A `CachedDataset` over a feature store: item `pixel_values` is the image's cached
+    embedding [d] (float32, already normalised), passed through as it is."""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        used, row, bad = self._readable(index)
+        return self._item(index, epoch, used,
+                          None if row is None else torch.from_numpy(row), bad)
+
+    def __getitems__(self, keys: list[Any]) -> list[dict[str, Any]]:
+        return [self[k] for k in keys]
+
+
+@dataclass
+class EmbedsCollate:
+    """`base` collate (tokenise, stack) of a feature-cached dataset: the stacked rows are
+    the batch's `image_embeds` [b, d], and `pixel_values` is None (the vision tower is
+    skipped)."""
+
+    base: Any
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        out = self.base(items)
+        if out.get("size"):
+            out["image_embeds"] = out.pop("pixel_values")
+            out["pixel_values"] = None
+        return out
+
+
+def flip_mask(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """[n] bool: which samples `data.augment: flip` mirrors this epoch. A function of
+    (seed, epoch, sample index) only, so any world size, worker count or resume point
+    flips the same images."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+    return torch.rand(n, generator=g) < 0.5
+
+
+class DeviceBatches:
+    """The batches of `loader`, on `device` and ready for the step.
+
+    Tensors are copied with `non_blocking=True` (the loader pins them on CUDA, so the copy
+    overlaps the step still running); `augment == "flip"` mirrors the images `flip_mask`
+    picks, on the device. Nothing here reads a device value back (no host sync)."""
+
+    def __init__(self, loader: Any, device: torch.device, augment: str = "none",
+                 seed: int = 0, sampler: Any = None) -> None:
+        self.loader, self.device = loader, device
+        self.augment, self.seed, self.sampler = augment, seed, sampler
+        self._flips: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield self.finish(batch)
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        index = batch.get("index")
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
+                     else v for k, v in batch.items()}
+        px = batch.get("pixel_values")
+        if self.augment == "flip" and isinstance(px, torch.Tensor) and index is not None:
+            epoch = getattr(self.sampler, "epoch", 0)
+            if self._flips is None or self._flips[0] != epoch:
+                self._flips = (epoch, flip_mask(self.seed, epoch, len(self.loader.dataset)))
+            mask = self._flips[1][index].to(px.device, non_blocking=True)
+            batch["pixel_values"] = torch.where(mask.view(-1, 1, 1, 1), px.flip(-1), px)
+        return batch
+
+
+# --------------------------------------------------------------------------- trial wiring
+
+
+@dataclass
+class TrialInputs:
+    """What a trial trains and evaluates on, with or without a cache.
+
+    `train`/`collate`: the training dataset and its collate; `wrap_val`: turns the val
+    `ImageTextDataset` into its cached form (identity without an image cache);
+    `val_images`: with the feature cache, this rank's val (embeddings [n, d], labels [n],
+    skipped) on the device, for `Evaluator.images`; `kind`: "features", "images" or
+    "none"."""
+
+    train: D.ImageTextDataset
+    collate: Any
+    wrap_val: Callable[[D.ImageTextDataset], D.ImageTextDataset] = lambda ds: ds
+    val_images: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    kind: str = "none"
+    stores: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def uses_feature_cache(cfg: Any) -> bool:
+    return bool(cfg.freeze_vision and getattr(cfg.data, "cache_features", False)
+                and getattr(cfg.data, "augment", "none") == "none")
+
+
+def _rank0_first(ctx: Any, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0, then on the other ranks (which find the store built, or build
+    their own copy where the storage is not shared between machines)."""
+    import torch.distributed as dist
+
+    if ctx.world_size > 1 and dist.is_available() and dist.is_initialized():
+        out = fn() if ctx.rank == 0 else None
+        dist.barrier(group=ctx.group)
+        return out if ctx.rank == 0 else fn()
+    return fn()
+
+
+def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.ImageTransform,
+                 collate: Any, precision: str) -> TrialInputs:
+    """The trial's datasets, reading the stores the trial's config asks for (built here if
+    the pre-trial tasks did not). Falls back to decoding, with a warning, where the data
+    cannot be cached (not an image-folder dataset, samples outside the scanned split)."""
+    plain = TrialInputs(td.train, collate)
+    feats = uses_feature_cache(cfg)
+    if not (feats or cfg.data.cache_images):
+        return plain
+    if getattr(cfg.data, "format", "folder") != "folder":
+        log.warning("cache: data.format %r is not cached; decoding instead", cfg.data.format)
+        return plain
+    root = cache_root(cfg.data, ctx.trial_dir)
+    droot = data_root(cfg.data, ctx.cache_dir)
+    t0 = time.time()
+    try:
+        listings = {s: SplitListing.scan(droot, s) for s in SPLITS}
+        train_rows = listings["train"].rows(td.train.samples)
+        val_rows = listings["val"].rows(td.val_samples)
+    except (KeyError, OSError, D.DataError) as e:
+        log.warning("cache: cannot map the trial's images to the cache (%s); decoding", e)
+        return plain
+    if feats:
+        from sweeper.models import resolve_pretrained
+
+        ckpt = checkpoint_fingerprint(resolve_pretrained(cfg.model, ctx.cache_dir))
+        nw = cfg.data.num_workers
+        stores = _rank0_first(ctx, lambda: {
+            s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
+                                    ctx.device, cfg.eval.batch_size, nw) for s in SPLITS})
+        mine = np.arange(ctx.rank, len(td.val_samples), ctx.world_size)
+        rows = val_rows[mine]
+        ok = stores["val"].ok[rows]
+        emb = torch.from_numpy(np.asarray(stores["val"].array[rows[ok]], dtype=np.float32))
+        labels = torch.tensor([td.val_samples[i].label for i in mine[ok]], dtype=torch.long)
+        val = (emb.to(ctx.device), labels.to(ctx.device), int((~ok).sum()))
+        out = TrialInputs(FeatureDataset(td.train, stores["train"], train_rows),
+                          EmbedsCollate(collate), val_images=val, kind="features")
+    else:
+        stores = _rank0_first(ctx, lambda: {
+            s: ensure_image_cache(root, listings[s], transform, cfg.eval.batch_size,
+                                  cfg.data.num_workers) for s in SPLITS})
+        val_store = stores["val"]
+
+        def wrap_val(ds: D.ImageTextDataset) -> D.ImageTextDataset:
+            return CachedDataset(ds, val_store, val_rows)
+
+        out = TrialInputs(CachedDataset(td.train, stores["train"], train_rows), collate,
+                          wrap_val=wrap_val, kind="images")
+    out.stores = {s: str(st.dir) for s, st in stores.items()}
+    log.info("cache: %s of %s ready in %.1fs (%s)", out.kind, cfg.trial_id, time.time() - t0,
+             ", ".join(f"{s}={Path(d).name}" for s, d in out.stores.items()))
+    return out
+
+
+# --------------------------------------------------------------------------- pre-trial jobs
+
+
+@dataclass(frozen=True)
+class CacheJob:
+    """Build the stores of both splits of one (kind, model, data, precision)."""
+
+    kind: str  # "features" | "images"
+    model_json: str
+    data_json: str
+    precision: str
+    root: str
+    cache_dir: str | None
+    batch_size: int
+    trial_id: str  # a trial that needs it (for messages)
+
+
+def cache_jobs(spec: Any, storage: str | Path, cache_dir: str | None = None
+               ) -> list[CacheJob]:
+    """The distinct stores the sweep's trials read, one job each (deduplicated)."""
+    from sweeper.spec import trial_configs
+
+    jobs: dict[tuple[str, ...], CacheJob] = {}
+    for t in trial_configs(spec):
+        kind = "features" if uses_feature_cache(t) else "images" if t.data.cache_images \
+            else None
+        if kind is None or getattr(t.data, "format", "folder") != "folder":
+            continue
+        precision = t.train.precision if kind == "features" else "-"
+        job = CacheJob(kind, t.model.model_dump_json(), t.data.model_dump_json(), precision,
+                       str(cache_root(t.data, storage=storage)), cache_dir,
+                       t.eval.batch_size, t.trial_id)
+        jobs.setdefault((kind, job.model_json, job.data_json, precision), job)
+    return list(jobs.values())
+
+
+def run_job(job: CacheJob) -> dict[str, Any]:
+    """Build a job's stores (on the GPU when this process has one); returns their keys."""
+    from sweeper.models import DualEncoder, load_pretrained, resolve_pretrained
+    from sweeper.spec import DataSpec, ModelSpec
+
+    t0 = time.time()
+    model_spec = ModelSpec.model_validate_json(job.model_json)
+    data_spec = DataSpec.model_validate_json(job.data_json)
+    droot = data_root(data_spec, job.cache_dir)
+    listings = {s: SplitListing.scan(droot, s) for s in SPLITS}
+    root = Path(job.root)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_pretrained(model_spec, job.cache_dir)
+    transform = D.ImageTransform.from_processor(processor.image_processor)
+    nw = data_spec.num_workers
+    if job.kind == "features":
+        precision = job.precision
+        if precision == "auto":
+            cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = "bf16" if cuda_bf16 else "fp32"
+        ckpt = checkpoint_fingerprint(resolve_pretrained(model_spec, job.cache_dir))
+        enc = DualEncoder(model, "softmax", freeze_vision=True).to(device)
+        stores = {s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
+                                          device, job.batch_size, nw) for s in SPLITS}
+    else:
+        stores = {s: ensure_image_cache(root, listings[s], transform, job.batch_size, nw)
+                  for s in SPLITS}
+    return {"kind": job.kind, "stores": {s: str(st.dir) for s, st in stores.items()},
+            "seconds": time.time() - t0, "device": str(device)}
