@@ -6,12 +6,14 @@
   reads uint8 rows and normalises them: the loop's real data path, without JPEG decoding),
   evaluating every `--interval` steps. Its throughput is the `samples_per_s` the worker
   wrote to history.jsonl for each interval between evaluations (evaluation excluded); the
-  first interval (warm-up) is dropped and the best of the others kept.
+  first interval (warm-up) is dropped and the best of the others kept (noise from other
+  processes only slows a chunk down).
 * Bare side, in this process: the same checkpoint in a `DualEncoder`, AdamW over the
   trainable parameters, and a loop of forward / `sigmoid_loss` / backward / step over
   batches collated beforehand by the same dataset and collate; one intra-op thread, as the
-  Ray worker gets (Ray sets OMP_NUM_THREADS to the worker's 1 CPU). Measured before and
-  after the Ray trial, best kept.
+  Ray worker gets (Ray sets OMP_NUM_THREADS to the worker's 1 CPU). Timed in chunks of
+  as many steps as a worker interval, as many chunks as worker intervals, half before and
+  half after the Ray trial; best kept.
 
 Prints `hot_loop_ratio` (worker samples/s / bare samples/s, target >= 0.95) and both
 throughputs.
@@ -39,8 +41,9 @@ import common
 BATCH = 32
 
 
-def bare_loop(cfg: Any, n_steps: int, warmup: int = 2) -> float:
-    """Samples/s of forward / sigmoid loss / backward / AdamW over pre-collated batches."""
+def bare_loop(cfg: Any, n_steps: int, chunks: int, warmup: int = 2) -> list[float]:
+    """Samples/s of forward / sigmoid loss / backward / AdamW over pre-collated batches,
+    for each of `chunks` runs of `n_steps` steps (as many steps as one worker interval)."""
     import torch
 
     from sweeper import data as D
@@ -70,10 +73,13 @@ def bare_loop(cfg: Any, n_steps: int, warmup: int = 2) -> float:
 
     for i in range(warmup):
         step(batches[i % len(batches)])
-    t = time.perf_counter()
-    for i in range(n_steps):
-        step(batches[i % len(batches)])
-    return n_steps * BATCH / (time.perf_counter() - t)
+    out = []
+    for _ in range(chunks):
+        t = time.perf_counter()
+        for i in range(n_steps):
+            step(batches[i % len(batches)])
+        out.append(n_steps * BATCH / (time.perf_counter() - t))
+    return out
 
 
 def ray_trial(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -95,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer steps")
     ap.add_argument("--interval", type=int, default=None, help="steps between evaluations")
     args = ap.parse_args(argv)
-    interval = args.interval or (4 if args.quick else 8)
-    n_int = 3 if args.quick else 4
+    interval = args.interval or 4
+    n_int = 5 if args.quick else 10
     logging.getLogger("sweeper").setLevel(logging.WARNING)
     model_dir = common.bench_model_dir()
     synth = common.synthetic(10, 16, 1)
@@ -113,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    bare = [bare_loop(cfg, interval)]
+    # As many bare chunks as worker intervals, half before and half after the trial.
+    bare = bare_loop(cfg, interval, (n_int - 1 + 1) // 2)
     with contextlib.redirect_stdout(sys.stderr):  # Tune's progress output
         history = ray_trial(doc)
-    bare.append(bare_loop(cfg, interval))
+    bare += bare_loop(cfg, interval, (n_int - 1) // 2 + 1)
     torch.set_num_threads(threads)
     sps = [r["samples_per_s"] for r in history if r.get("step", 0) > 0
            and r.get("samples_per_s")]

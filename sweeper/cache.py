@@ -550,7 +550,25 @@ def cache_jobs(spec: Any, storage: str | Path, cache_dir: str | None = None
                        str(cache_root(t.data, storage=storage)), cache_dir,
                        t.eval.batch_size, t.trial_id)
         jobs.setdefault((kind, job.model_json, job.data_json, precision), job)
-    return list(jobs.values())
+    return [j for j in jobs.values() if not job_marker(j).is_file()]
+
+
+def job_marker(job: CacheJob) -> Path:
+    """`<root>/jobs/<key>.json`, written when a job has built its stores. The key covers
+    the job and what its stores' keys depend on that can be read without loading the model
+    (the checkpoint's files, the splits' files), so a sweep whose stores are all built
+    starts no task, and a changed checkpoint or dataset starts one again."""
+    from sweeper.models import resolve_pretrained
+    from sweeper.spec import DataSpec, ModelSpec
+
+    model_spec = ModelSpec.model_validate_json(job.model_json)
+    droot = data_root(DataSpec.model_validate_json(job.data_json), job.cache_dir)
+    key = _sha({"v": CACHE_VERSION, "job": [job.kind, job.model_json, job.data_json,
+                                            job.precision, job.batch_size],
+                "checkpoint": checkpoint_fingerprint(resolve_pretrained(model_spec,
+                                                                        job.cache_dir)),
+                "files": {s: SplitListing.scan(droot, s).digest for s in SPLITS}})[:24]
+    return Path(job.root) / "jobs" / f"{key}.json"
 
 
 def run_job(job: CacheJob) -> dict[str, Any]:
@@ -580,5 +598,7 @@ def run_job(job: CacheJob) -> dict[str, Any]:
     else:
         stores = {s: ensure_image_cache(root, listings[s], transform, job.batch_size, nw)
                   for s in SPLITS}
-    return {"kind": job.kind, "stores": {s: str(st.dir) for s, st in stores.items()},
-            "seconds": time.time() - t0, "device": str(device)}
+    out = {"kind": job.kind, "stores": {s: str(st.dir) for s, st in stores.items()},
+           "seconds": time.time() - t0, "device": str(device), "trial": job.trial_id}
+    atomic_write_json(job_marker(job), out)
+    return out

@@ -195,6 +195,7 @@ def test_cache_jobs_build_before_the_trials(tmp_path: Path, cache_dir: Path) -> 
     assert jobs[0].root == str((tmp_path / "results" / ".cache").resolve())
     out = C.run_job(jobs[0])
     assert sorted(out["stores"]) == ["train", "val"]
+    assert C.cache_jobs(spec, tmp_path / "results", str(cache_dir)) == []  # built: no job
     # The worker of a trial under <storage>/<name>/trials/<id> finds them there.
     cfg = resolve_trial(spec, {"variant": "siglit", "text_source": "templates",
                                "batch_size": 16, "n_train_classes": 4, "seed": 0})
