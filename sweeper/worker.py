@@ -24,6 +24,7 @@ from torch import nn
 
 from sweeper import cache as C
 from sweeper import data as D
+from sweeper import faults
 from sweeper.losses import sigmoid_loss, softmax_loss
 from sweeper.models import DualEncoder, load_pretrained, text_max_length
 from sweeper.sink import TrialSink
@@ -608,8 +609,12 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
                 tower.compile()
     sampler = D.GlobalBatchSampler(len(td.train), cfg.batch_size, ctx.rank, ctx.world_size,
                                    cfg.seed)
+    injected = faults.for_trial(cfg.trial_id)  # empty unless a fault-tolerance test asks
+    collate = inputs.collate
+    if "dataloader" in injected:
+        collate = faults.FaultyCollate(collate, injected["dataloader"])
     loader = C.DeviceBatches(
-        D.make_loader(inputs.train, sampler, inputs.collate, cfg.data.num_workers,
+        D.make_loader(inputs.train, sampler, collate, cfg.data.num_workers,
                       pin_memory=device.type == "cuda"),
         device, cfg.data.augment, cfg.seed, sampler)
     val_loader = _val_loader(td.val_samples, td.val_names, transform, tokenizer, max_len, ctx,
@@ -639,6 +644,7 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
         seq.report(None, None)  # zero-shot, step 0
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
+        faults.maybe_oom(injected, seq.st["step"] + 1)
         return train_step(ddp, batch, optimizer, scheduler, loss_fn, cfg.train.max_grad_norm,
                           autocast)
 
