@@ -54,7 +54,7 @@ def build(dry: bool) -> tuple[Any, dict[str, int]]:
                   "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"]}
     config = SiglipConfig(
         text_config={"vocab_size": shape["vocab"], "max_position_embeddings": shape["text"],
-                     **common_cfg},
+                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **common_cfg},
         vision_config={"image_size": shape["image"], "patch_size": shape["patch"],
                        **common_cfg})
     torch.manual_seed(0)

@@ -247,6 +247,30 @@ def check_fits(spec: SweepSpec) -> None:
         raise SpecError(f"scaling: one trial needs {asked} but the cluster has {got}")
 
 
+def build_caches(spec: SweepSpec, exp: Path, cache_dir: str | None) -> None:
+    """Build, before any trial starts, the shared stores the trials read (`sweeper.cache`:
+    frozen-tower image features, decode-once images), one Ray task per set of stores (a GPU
+    each when the trials use GPUs). Stores already built start no task. A failed build is
+    only logged: each trial then builds the store itself (rank 0, under a file lock)."""
+    import ray
+
+    from sweeper import cache as C
+
+    try:
+        jobs = C.cache_jobs(spec, exp.parent, cache_dir)
+        if not jobs:
+            return
+        print(f"Building {len(jobs)} shared cache(s) before the trials ...", flush=True)
+        task = ray.remote(C.run_job).options(
+            num_cpus=1, num_gpus=1 if spec.scaling.use_gpu else 0, max_retries=0)
+        for out in ray.get([task.remote(j) for j in jobs]):
+            log.info("cache: %s built in %.1fs on %s", out["kind"], out["seconds"],
+                     out["device"])
+    except Exception as e:  # the trials build what is missing themselves
+        log.warning("cache: pre-trial build failed (%s); the trials will build it",
+                    " ".join(str(e).split())[:300])
+
+
 def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = True,
               retry_errored: bool = False, cache_dir: str | None = None,
               dashboard_host: str = "127.0.0.1", verbose: int = 1) -> SweepResult:
@@ -265,6 +289,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
             s = TrialSink(trial_dir(exp, t.trial_id))
             if s.status().get("status") == "errored":
                 s.update_status(status="pending", error=None)
+    build_caches(spec, exp, cache_dir)
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, spec_json=spec.model_dump_json(),
                              experiment_dir=str(exp), cache_dir=cache_dir),
