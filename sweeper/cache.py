@@ -11,7 +11,8 @@ one copy per machine, whatever the number of trials, workers and DataLoader proc
   decode an image.
 * **Decode-once images** (`<root>/images/<key>/`, `data.cache_images`): every image of a
   split decoded and resized to the model's input resolution once, `[N, H, W, 3]` uint8;
-  normalisation to float happens per batch, on the device (`DeviceBatches`).
+  the dataset normalises the rows of each batch to float (`ImageTransform.normalize`,
+  straight into the batch tensor), exactly as it does freshly decoded images.
 
 `<root>` is `data.cache_dir` if set, else `<storage>/.cache`. A store's `<key>` is a
 content hash of everything its rows depend on: the checkpoint (directory or hub id, its
