@@ -15,25 +15,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from sweeper.sink import read_json, read_jsonl
+from sweeper.sink import parse_jsonl, read_json, read_jsonl
 
 
 def is_uri(location: str | Path) -> bool:
     """True for `scheme://...` locations (read through pyarrow.fs), false for local paths."""
     return isinstance(location, str) and "://" in location
-
-
-def parse_jsonl(text: str) -> list[dict[str, Any]]:
-    """Complete JSON object lines of `text`; a torn or foreign line is skipped."""
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 class Store:

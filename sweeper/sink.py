@@ -95,6 +95,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
+    return parse_jsonl(text)
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    """Complete JSON object lines of `text`; a torn or foreign line is skipped."""
     rows = []
     for line in text.splitlines():
         try:
