@@ -179,7 +179,8 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: write the report, print `key: path` per output, return the exit
-    status (0 done, 2 not an experiment or a URI without --out)."""
+    status (0 done, 1 a write failed (disk full), 2 not an experiment or a URI without
+    --out)."""
     parser = argparse.ArgumentParser(
         prog="python -m analysis.report",
         description="Build Parquet tables, report.md and plots for a sweep's experiment "
@@ -195,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExperimentNotFound, ReadOnlyLocation, pa.ArrowInvalid) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, quota: every earlier output is still whole
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: could not write the report{where}: {e.strerror or e}; the previous "
+              "outputs are unchanged", file=sys.stderr)
+        return 1
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0

@@ -1,8 +1,9 @@
 """Command line: `python -m sweeper.run SPEC.yaml [--dry-run] [--set key=value ...]`.
 
-Exit status: 0 every trial terminated or diverged; 1 some trial errored; 2 the spec or the
-data was refused (before Ray starts); 130 interrupted (the experiment state is saved, so
-rerunning the same command resumes it).
+Exit status: 0 every trial terminated or diverged; 1 some trial errored (or did not finish);
+2 the spec, the data or the cluster was refused (before any trial ran); 130 interrupted by
+Ctrl-C, 143 by SIGTERM (the experiment state is saved, so rerunning the same command
+resumes it).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join ('auto' or host:port; default: RAY_ADDRESS, "
                         "else start a local Ray)")
-    p.add_argument("--storage", default=None, help="override `storage` (local path or URI)")
+    p.add_argument("--storage", default=None,
+                   help="override `storage` (a local path; on a cluster, a shared one)")
     p.add_argument("--name", default=None, help="override the experiment `name`")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY.PATH=VALUE", help="override a spec key (repeatable)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an existing experiment (the default when one exists)")
+                   help="continue an existing experiment, refusing to start a new one "
+                        "(rerunning without it resumes too)")
     p.add_argument("--retry-errored", action="store_true", help="rerun errored trials")
     p.add_argument("--new", action="store_true",
                    help="start a new experiment (suffixed name) if the spec changed")
@@ -86,6 +89,14 @@ def prepare_inputs(spec: SweepSpec, cache_dir: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before or after the Tune loop, which handles its own
+        print("\nInterrupted: rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(args.overrides)
@@ -103,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from sweeper import data as D
     from sweeper.models import ModelError
-    from sweeper.orchestration import prepare_experiment, run_sweep
+    from sweeper.orchestration import preflight, prepare_experiment, run_sweep
 
     try:
+        # Storage, loggers and (for a local run) resources first: no model or data work
+        # for a sweep that cannot run.
+        preflight(spec, args.address)
         prepare_inputs(spec, args.cache_dir)
-        spec = prepare_experiment(spec, Path(args.spec).read_text(encoding="utf-8"), args.new)
+        spec = prepare_experiment(spec, Path(args.spec).read_text(encoding="utf-8"), args.new,
+                                  resume=args.resume)
     except (SpecError, D.DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -121,13 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     for s in result.statuses.values():
         counts[s] = counts.get(s, 0) + 1
     print(f"\nExperiment: {result.experiment_dir}")
-    print("Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print("Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+          + (f" ({len(result.stopped_early)} stopped early by the scheduler)"
+             if result.stopped_early else ""))
     for tid, err in result.errors.items():
         print(f"  errored {tid}: {err}")
     for key, path in result.report_paths.items():
         print(f"{key}: {path}")
     if result.interrupted:
-        print("Interrupted: rerun the same command to resume.")
+        print("Interrupted: the experiment state is saved; rerun the same command to resume.")
+    elif result.errors:
+        print("Rerun with --retry-errored to train the errored trials again.")
     return result.exit_code
 
 

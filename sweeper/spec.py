@@ -208,14 +208,19 @@ class ScalingSpec(_Strict):
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_concurrent_trials: int = Field(1, ge=1)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint
+    # A trial whose workers cannot be placed fails after two waits this long (no hang).
     worker_start_timeout_s: float = Field(120.0, gt=0)
 
 
 class TuneSpec(_Strict):
+    """Tune's trial scheduler. `asha` stops trials early on `val_top1`, comparing trials at
+    the same number of reports (Tune's training_iteration: one per evaluation)."""
+
     scheduler: Literal["fifo", "asha"] = "fifo"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
+    max_t: int = Field(100, ge=1)  # asha: a trial is stopped after this many reports
 
 
 class SweepSpec(_Strict):

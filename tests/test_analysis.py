@@ -706,3 +706,52 @@ def test_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = json.dumps([o.get("data", o.get("text", "")) for o in outputs])
     assert "siglip (reference)" in text
     assert (exp / "trials.parquet").is_file()
+
+
+_FSIZE_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+limit, at = int(sys.argv[2]), sys.argv[3]
+import analysis.report as R
+real = R.atomic_write_bytes
+def limited(path, data):  # the limit from the write of report.md on (Parquet and plots fit)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    real(path, data)
+if at == "report_md":
+    R.atomic_write_bytes = limited
+else:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(R.main([sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("at", ["first_write", "report_md"])
+def test_disk_full_keeps_the_previous_report(
+    tmp_path: Path, built: tuple[Path, dict[str, Path]], at: str
+) -> None:
+    """A real write failure (a file-size limit: writes past it fail like a full disk) at
+    the first output or while writing report.md: one-line error, exit 1, and the previous
+    report and Parquet files are whole (each old or new, none torn), no temporary files."""
+    exp = tmp_path / "toy"
+    shutil.copytree(built[0], exp)
+    before = {p.relative_to(exp): p.read_bytes() for p in exp.rglob("*")
+              if p.is_file() and p.suffix in (".md", ".parquet", ".png")}
+    shutil.rmtree(exp / "trials" / "siglip-templates-bs64-k2-s1")  # the new report differs
+    report = exp / "report.md"
+    limit = 0 if at == "first_write" else len(report.read_bytes()) - 1
+    r = subprocess.run([sys.executable, "-c", _FSIZE_LIMITED, str(exp), str(limit), at],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 1, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: could not write the report ") and "File too large" in line
+    assert str(exp) in line
+    assert report.read_bytes() == before[Path("report.md")]
+    for rel, old in before.items():  # old bytes, or a complete new file
+        new = (exp / rel).read_bytes()
+        if rel.suffix == ".parquet" and new != old:
+            pq.read_table(exp / rel)
+    if at == "first_write":
+        assert {rel: (exp / rel).read_bytes() for rel in before} == before
+    assert not [p for p in exp.rglob("*.tmp")]
+    assert main([str(exp)]) == 0  # with room again, the new report replaces it
+    assert report.read_bytes() != before[Path("report.md")]
