@@ -911,9 +911,14 @@ def _logger_callbacks(spec: SweepSpec, exp: Path) -> list[Any]:
         elif name == "mlflow":
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-            # A local file store: works offline; `mlflow ui --backend-store-uri` reads it.
-            out.append(MLflowLoggerCallback(tracking_uri=(exp / "mlruns").as_uri(),
-                                            experiment_name=spec.name))
+            # MLFLOW_TRACKING_URI (a server, sqlite:///...) when set; else a file store in
+            # the experiment, which works offline (MLflow 3 wants an explicit opt-in for
+            # it) and which `mlflow ui --backend-store-uri <experiment>/mlruns` reads.
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                uri = (exp / "mlruns").as_uri()
+            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=spec.name))
         elif name == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
 

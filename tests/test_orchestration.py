@@ -128,9 +128,11 @@ def test_preflight_refusals(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("logger,package", [("mlflow", "mlflow"), ("wandb", "wandb")])
-def test_missing_logger_package_is_refused(tmp_path: Path, logger: str, package: str) -> None:
-    if importlib.util.find_spec(package) is not None:
-        pytest.skip(f"{package} is installed")
+def test_missing_logger_package_is_refused(tmp_path: Path, logger: str, package: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == package else real(name, *a))
     doc = base_doc(tmp_path, loggers=["tensorboard", logger])
     with pytest.raises(SpecError, match=rf"^loggers\[1\]: {logger} needs the '{package}'"):
         preflight(validate(doc))
@@ -273,3 +275,47 @@ def test_sink_callback_records_what_only_tune_knows(tmp_path: Path) -> None:
     st = TrialSink(exp / "trials" / "c").status()
     assert st["status"] == "errored"
     assert st["error"] == "ray.exceptions.ActorDiedError: The actor died unexpectedly"
+
+
+_LOGGED_SWEEP = """
+import sys
+from pathlib import Path
+import ray
+from ray import tune
+from sweeper.orchestration import _logger_callbacks
+from sweeper.spec import validate
+from tests.conftest import base_doc
+tmp = Path(sys.argv[1])
+spec = validate(base_doc(tmp, loggers=["mlflow", "tensorboard"]))
+exp = tmp / "results" / spec.name
+def trainable(config):
+    for i in range(3):
+        tune.report({"val_top1": 0.1 * i + config["x"], "train_loss": 1.0 / (i + 1)})
+ray.init(num_cpus=1, include_dashboard=False)
+tune.Tuner(tune.with_resources(trainable, {"cpu": 0.01}),
+           param_space={"x": tune.grid_search([0.0, 0.5])},
+           run_config=tune.RunConfig(name=spec.name, storage_path=str(exp.parent),
+                                     callbacks=_logger_callbacks(spec, exp), verbose=0)).fit()
+"""
+
+
+def test_mlflow_and_tensorboard_loggers_work_offline(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`loggers: [mlflow, tensorboard]` through Ray's callbacks, offline: MLflow runs in a
+    file store inside the experiment (params and final metrics readable by mlflow's own
+    API), TensorBoard event files in each trial's folder. A bare Tune function stands in
+    for the trial driver (the full sweep with TensorBoard is in test_cluster.py)."""
+    mlflow = pytest.importorskip("mlflow")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    r = subprocess.run([sys.executable, "-c", _LOGGED_SWEEP, str(tmp_path)], cwd=ROOT,
+                       env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    exp = tmp_path / "results" / "t"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri((exp / "mlruns").as_uri())
+    runs = mlflow.search_runs(experiment_names=["t"]).sort_values("params.x")
+    assert list(runs["params.x"]) == ["0.0", "0.5"]
+    assert list(runs["metrics.val_top1"].round(6)) == [0.2, 0.7]
+    assert len(list(exp.glob("*/events.out.tfevents.*"))) == 2
