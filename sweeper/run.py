@@ -61,16 +61,17 @@ def prepare_inputs(spec: SweepSpec, cache_dir: str | None) -> None:
     """Build or check the model and data every trial needs, before any trial launches:
     pretrain the tiny preset, generate synthetic data, scan real data, probe the hub."""
     from sweeper import data as D
-    from sweeper.models import check_loadable, resolve_pretrained
+    from sweeper.models import PRESETS, check_loadable, resolve_pretrained
 
     cache = Path(cache_dir) if cache_dir else None
     models = {spec.model.model_copy(update=v.model) if v.model else spec.model
               for v in spec.variants.values()}
     for m in models:
         check_loadable(m)
-        if m.pretrained == "tiny":
-            print("Preparing the tiny pretrained model (cached after the first run) ...",
-                  flush=True)
+        if m.pretrained in PRESETS:
+            # Pretrained once here, not by several trials racing for the same cache entry.
+            print(f"Preparing the {m.pretrained} pretrained model (cached after the first "
+                  "run) ...", flush=True)
             resolve_pretrained(m, cache)
     if spec.data.synthetic is not None:
         from sweeper.synthetic import dataset_dir
