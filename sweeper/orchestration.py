@@ -207,37 +207,18 @@ def storage_path(storage: str) -> Path:
 
 
 def preflight(spec: SweepSpec, address: str | None = None) -> None:
-    """Spec checks that need no data, no model and no Ray: storage, loggers, resources.
+    """Checks of the spec against this environment that need no data, no model and no
+    Ray: storage, the loggers' packages, resources (the spec's own consistency, resource
+    values included, is checked by `sweeper.spec.validate`).
 
     A local run (no `--address`, no RAY_ADDRESS) is checked against this machine's CPUs
     and GPUs here; a cluster run again after joining. Raises SpecError (one line)."""
     storage_path(spec.storage)
-    if spec.tune.scheduler == "asha" and spec.tune.grace_period > spec.tune.max_t:
-        raise SpecError(f"tune.grace_period: {spec.tune.grace_period} exceeds tune.max_t="
-                        f"{spec.tune.max_t}")
     for i, name in enumerate(spec.loggers):
         pkg = LOGGER_PACKAGES.get(name)
         if pkg and importlib.util.find_spec(pkg) is None:
             raise SpecError(f"loggers[{i}]: {name} needs the {pkg!r} package, which is not "
                             f"installed (pip install {pkg}), or remove it from loggers")
-    sc = spec.scaling
-    for k, v in (sc.resources_per_worker or {}).items():
-        if v < 0 or not math.isfinite(v):
-            raise SpecError(f"scaling.resources_per_worker.{k}: must be >= 0, got {v}")
-    per = worker_resources(sc)
-    if not per:
-        raise SpecError("scaling.resources_per_worker: a worker must reserve some resource "
-                        "(CPU, GPU or a custom one)")
-    if per.get("GPU") and not sc.use_gpu:
-        raise SpecError("scaling.resources_per_worker.GPU: reserves GPUs that the workers "
-                        "would not use; set scaling.use_gpu: true")
-    gpu = per.get("GPU", 0.0)
-    if (sc.use_gpu and sc.num_workers > 1 and gpu != int(gpu)
-            and sc.placement_strategy != "STRICT_SPREAD"):
-        raise SpecError(
-            f"scaling.resources_per_worker.GPU: {gpu:g} of a GPU per worker could put two "
-            f"of a trial's {sc.num_workers} ranks on one GPU, which NCCL refuses; use whole "
-            "GPUs for multi-worker trials, or placement_strategy: STRICT_SPREAD")
     if cluster_address(address) is None:
         check_fits(spec, local_nodes())
 
@@ -722,9 +703,9 @@ def _tune_error(trial: Any) -> str:
         text = Path(trial.error_file).read_text(encoding="utf-8", errors="replace")
     except Exception:
         return "the trial's Tune actor failed (no error file)"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    named = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", ln)]
-    return _one_line((named or lines or ["the trial's Tune actor failed"])[-1])
+    from analysis.collect import first_error_line
+
+    return _one_line(first_error_line(text) or "the trial's Tune actor failed")
 
 
 def build_caches(spec: SweepSpec, exp: Path, cache_dir: str | None) -> None:
@@ -748,7 +729,7 @@ def build_caches(spec: SweepSpec, exp: Path, cache_dir: str | None) -> None:
                      out["device"])
     except Exception as e:  # the trials build what is missing themselves
         log.warning("cache: pre-trial build failed (%s); the trials will build it",
-                    " ".join(str(e).split())[:300])
+                    _one_line(str(e), 300))
 
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = True,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -424,6 +425,34 @@ def _check_cross_fields(spec: SweepSpec) -> None:
     for key, values in (g.model_extra or {}).items():
         _check_extra_axis(spec, key, values)
     _check_feature_cache(spec)
+    _check_scaling(spec)
+
+
+def _check_scaling(spec: SweepSpec) -> None:
+    """Worker reservations Ray would accept but that cannot work, and ASHA's bounds."""
+    t = spec.tune
+    if t.scheduler == "asha" and t.grace_period > t.max_t:
+        raise SpecError(f"tune.grace_period: {t.grace_period} exceeds tune.max_t={t.max_t}")
+    sc = spec.scaling
+    res = sc.resources_per_worker or {}
+    for k, v in res.items():
+        if v < 0 or not math.isfinite(v):
+            raise SpecError(f"scaling.resources_per_worker.{k}: must be >= 0, got {v}")
+    # A CPU worker that names CPU: 0 and nothing else reserves nothing (a GPU worker
+    # always reserves a GPU: one unless it names a share).
+    if not sc.use_gpu and "CPU" in res and not any(res.values()):
+        raise SpecError("scaling.resources_per_worker: a worker must reserve some resource "
+                        "(CPU, GPU or a custom one)")
+    if res.get("GPU") and not sc.use_gpu:
+        raise SpecError("scaling.resources_per_worker.GPU: reserves GPUs that the workers "
+                        "would not use; set scaling.use_gpu: true")
+    gpu = res.get("GPU") or 1.0
+    if (sc.use_gpu and sc.num_workers > 1 and gpu != int(gpu)
+            and sc.placement_strategy != "STRICT_SPREAD"):
+        raise SpecError(
+            f"scaling.resources_per_worker.GPU: {gpu:g} of a GPU per worker could put two "
+            f"of a trial's {sc.num_workers} ranks on one GPU, which NCCL refuses; use whole "
+            "GPUs for multi-worker trials, or placement_strategy: STRICT_SPREAD")
 
 
 def _check_feature_cache(spec: SweepSpec) -> None:
