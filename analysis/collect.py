@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from analysis.store import Store
-from sweeper.sink import HISTORY_KEYS
+from sweeper.sink import HISTORY_KEYS, first_error_line
 
 SCHEMA_VERSION = "1"
 NAMED_AXES = ("variant", "text_source", "batch_size", "n_train_classes", "seed")
@@ -185,32 +184,6 @@ def _infer_type(values: Iterable[Any]) -> pa.DataType:
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
         return pa.float64()
     return pa.string()
-
-
-def first_error_line(text: Any) -> str | None:
-    """The one line that says what went wrong in an error message or traceback.
-
-    A plain message keeps its first line. A traceback (Python's, or Tune's error.txt,
-    which starts with "Failure # 1 (occurred at ...)") keeps its last unindented line:
-    that is the exception and its message, where the first line would only say
-    "Traceback (most recent call last):".
-    """
-    if not isinstance(text, str):
-        return None if text is None else _str(text)
-    # Ray colours the actor name in error.txt; the escapes are noise in a table.
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).rstrip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln.strip() and not re.match(r"Failure # \d+", ln)]
-    if not lines:
-        return None
-    traceback = any(
-        ln.startswith("Traceback (most recent call last)") or ln.lstrip().startswith('File "')
-        for ln in lines
-    )
-    if traceback:
-        tail = [ln for ln in lines if not ln[0].isspace() and not ln.startswith("Traceback")]
-        if tail:
-            return tail[-1].strip()
-    return lines[0].strip()
 
 
 # --------------------------------------------------------------------------- reading

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeper.sink import TrialSink, atomic_write_bytes, atomic_write_json, read_json, trial_dir
+from sweeper.sink import (
+    TrialSink,
+    atomic_write_bytes,
+    atomic_write_json,
+    first_error_line,
+    read_json,
+    trial_dir,
+)
 from sweeper.spec import (
     ScalingSpec,
     SpecError,
@@ -703,8 +710,6 @@ def _tune_error(trial: Any) -> str:
         text = Path(trial.error_file).read_text(encoding="utf-8", errors="replace")
     except Exception:
         return "the trial's Tune actor failed (no error file)"
-    from analysis.collect import first_error_line
-
     return _one_line(first_error_line(text) or "the trial's Tune actor failed")
 
 

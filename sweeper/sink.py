@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -181,3 +182,29 @@ def _write_lines(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 def trial_dir(experiment_dir: str | Path, trial_id: str) -> Path:
     """Where a trial's own files live inside the experiment directory."""
     return Path(experiment_dir) / "trials" / trial_id
+
+
+def first_error_line(text: Any) -> str | None:
+    """The one line that says what went wrong in an error message or traceback.
+
+    A plain message keeps its first line. A traceback (Python's, or Tune's error.txt,
+    which starts with "Failure # 1 (occurred at ...)") keeps its last unindented line:
+    that is the exception and its message, where the first line would only say
+    "Traceback (most recent call last):".
+    """
+    if not isinstance(text, str):
+        return None if text is None else str(text)
+    # Ray colours the actor name in error.txt; the escapes are noise in a table.
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).rstrip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln.strip() and not re.match(r"Failure # \d+", ln)]
+    if not lines:
+        return None
+    traceback = any(
+        ln.startswith("Traceback (most recent call last)") or ln.lstrip().startswith('File "')
+        for ln in lines
+    )
+    if traceback:
+        tail = [ln for ln in lines if not ln[0].isspace() and not ln.startswith("Traceback")]
+        if tail:
+            return tail[-1].strip()
+    return lines[0].strip()

@@ -33,8 +33,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import analysis
 from analysis import reference
-from analysis.collect import first_error_line
 from analysis.report import main, write_report
+from sweeper.sink import first_error_line
 from sweeper.spec import grid_axes, spec_fingerprint, trial_configs, validate
 
 ROOT = Path(__file__).resolve().parents[1]
