@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,6 @@ NAMED_AXES = ("variant", "text_source", "batch_size", "n_train_classes", "seed")
 # Dotted grid axes must start with one of these spec sections (see sweeper.spec).
 EXTRA_AXIS_SECTIONS = ("model", "train", "eval", "data", "checkpoint")
 FINAL_METRICS = ("val_top1", "val_top5", "val_top1_seen", "val_top1_unseen", "train_loss")
-# Top-level folders of the experiment that are ours, never Tune trial folders.
-_NOT_TUNE = frozenset({"trials", "plots"})
 
 _INT_HISTORY = frozenset({"step", "samples_seen", "skipped_images"})
 
@@ -264,69 +262,14 @@ class Experiment:
         return [a for a in self.axes if a not in NAMED_AXES]
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out[key] = v
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{key}."))
-    return out
-
-
-def _mappings(d: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    """`d` and every mapping nested in it: the grid point may sit under a sub-key."""
-    yield d
-    for v in d.values():
-        if isinstance(v, Mapping):
-            yield from _mappings(v)
-
-
-def _norm(v: Any) -> tuple[str, Any]:
-    # 64 and 64.0 are the same grid value once JSON has been through Tune; True is not 1.
-    if isinstance(v, bool):
-        return ("b", v)
-    if isinstance(v, int | float):
-        return ("n", float(v))
-    if isinstance(v, str):
-        return ("s", v)
-    return ("j", json.dumps(v, sort_keys=True))
-
-
-class _TuneMatcher:
-    """Finds which of our trials a Tune folder ran: by an explicit trial id, by folder
-    name, or by its params holding the trial's grid point (params may carry more keys)."""
-
-    def __init__(self, trials: Mapping[str, TrialRecord]) -> None:
-        self.trials = trials
-        self.index: dict[tuple[str, ...], dict[tuple[Any, ...], list[str]]] = {}
-        for tid, rec in trials.items():
-            if rec.axes:
-                names = tuple(sorted(rec.axes))
-                key = tuple(_norm(rec.axes[n]) for n in names)
-                self.index.setdefault(names, {}).setdefault(key, []).append(tid)
-
-    def match(self, tune: TuneTrial) -> str | None:
-        for d in _mappings(tune.params):
-            for key in ("trial_id", "sweeper_trial_id"):
-                tid = d.get(key)
-                if isinstance(tid, str) and tid in self.trials:
-                    return tid
-        if tune.name in self.trials:
-            return tune.name
-        hits: set[str] = set()
-        for d in _mappings(tune.params):
-            flat = _flatten(d)
-            for names, by_value in self.index.items():
-                if all(n in flat for n in names):
-                    hits.update(by_value.get(tuple(_norm(flat[n]) for n in names), []))
-        return hits.pop() if len(hits) == 1 else None
-
-
-def _read_tune_folders(store: Store) -> list[TuneTrial]:
+def _read_tune_folders(store: Store, trial_ids: Iterable[str]) -> list[TuneTrial]:
+    """Tune's folders of our trials. Tune names each one by our trial id
+    (trial_dirname_creator), and the ids are deterministic and unique, so the folder name
+    alone says which trial it ran; other folders are never read."""
+    ids = set(trial_ids)
     out = []
     for name in store.list_dirs():
-        if name in _NOT_TUNE or name.startswith("."):
+        if name not in ids:
             continue
         params = store.read_json(name, "params.json")
         error = store.read_text(name, "error.txt")
@@ -402,11 +345,8 @@ def read_experiment(location: str | Path) -> Experiment:
             has_folder=has_folder,
         )
 
-    matcher = _TuneMatcher(trials)
-    for tune in _read_tune_folders(store):
-        tid = matcher.match(tune)
-        if tid is not None:
-            trials[tid].tune.append(tune)
+    for tune in _read_tune_folders(store, trials):
+        trials[tune.name].tune.append(tune)
 
     axes_doc = sweep.get("axes")
     if isinstance(axes_doc, dict) and axes_doc:

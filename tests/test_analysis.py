@@ -155,11 +155,13 @@ def make_experiment(
         fate = tid if special else None
         tdir = exp / "trials" / tid
         params = {**cfg["axes"], "storage": str(storage)}  # Tune adds keys of its own
-        tune_dir = exp / (
-            f"driver_ab12c_{idx:05d}_{idx}_batch_size={cfg['batch_size']},"
-            f"seed={cfg['seed']}_2026-01-01_09-00-{idx:02d}"
-        )
+        tune_dir = exp / tid  # Tune's folder, named by trial_dirname_creator
         if fate == PENDING:
+            # A folder in Tune's default naming holding this trial's grid point and an
+            # error: not named after a trial, so it belongs to none.
+            stray = exp / f"driver_ab12c_{idx:05d}_{idx}_batch_size={cfg['batch_size']}"
+            _write(stray / "params.json", params)
+            (stray / "error.txt").write_text(TUNE_ERROR)
             continue
         if fate == ERRORED_TUNE:
             _write(tune_dir / "params.json", params)
@@ -194,7 +196,6 @@ def make_experiment(
             }
             text = _jsonl(history[:2]) + '{"epoch": 1.4, "step": 7, "train_lo'
             (tdir / "history.jsonl").write_text(text)
-            # The grid point may also sit one level down in Tune's params.
             _write(tune_dir / "params.json", {"train_loop_config": params})
             (tune_dir / "result.json").write_text("")
         elif fate == DIVERGED:
@@ -332,7 +333,7 @@ def test_trials_rows_statuses_and_columns(built: tuple[Path, dict[str, Path]]) -
     assert running["steps"] == 5
     assert running["zero_shot_top1"] == pytest.approx(zero_shot(10))
     assert running["wall_time_s"] == 7.5  # time_s of its last report
-    assert "driver_ab12c_" in running["tune_path"]
+    assert running["tune_path"] == str(exp / RUNNING)  # Tune's folder, by its name
     # History came from Tune's result.json when ours is missing, never over ours.
     assert trials.loc[TUNE_HISTORY, "steps"] == 10
     assert trials.loc[BOTH_HISTORY, "val_top1"] == pytest.approx(
