@@ -66,6 +66,7 @@ _TRIAL_TAIL: tuple[tuple[str, pa.DataType], ...] = (
     ("num_workers", pa.int64()),
     ("use_gpu", pa.bool_()),
     ("pretrained", pa.string()),
+    ("synthetic_data", pa.bool_()),
     ("trust_remote_code", pa.bool_()),
     ("status", pa.string()),
     ("error", pa.string()),
@@ -84,6 +85,7 @@ _TRIAL_TAIL: tuple[tuple[str, pa.DataType], ...] = (
     ("total_steps", pa.int64()),
     ("epochs", pa.float64()),
     ("wall_time_s", pa.float64()),
+    ("device_hours", pa.float64()),
     ("skipped_images", pa.int64()),
     ("restarts", pa.int64()),
     ("started_at", pa.string()),
@@ -431,13 +433,38 @@ def _budget(train: Mapping[str, Any]) -> tuple[str | None, int | None]:
     return ("epochs", 1) if train else (None, None)
 
 
+def device_hours(
+    wall_time_s: Any, status: Mapping[str, Any], scaling: Mapping[str, Any]
+) -> float | None:
+    """Device-hours a trial took: workers x devices per worker x wall time.
+
+    Workers are `status.json`'s `world_size` (what ran), else `scaling.num_workers`. A
+    worker on a GPU (status `device` `cuda...`, else `scaling.use_gpu`) counts its
+    `resources_per_worker.GPU` share (1 by default); on the CPU, its
+    `resources_per_worker.CPU` (1 by default: Ray reserves 0.99 so that the trial's
+    driver fits, but the worker occupies a core). None without a wall time.
+    """
+    wall = _float(wall_time_s)
+    workers = _first(_int(status.get("world_size")), _int(scaling.get("num_workers")))
+    if wall is None or workers is None:
+        return None
+    device = status.get("device")
+    gpu = device.startswith("cuda") if isinstance(device, str) else _bool(scaling.get("use_gpu"))
+    per_worker = scaling.get("resources_per_worker")
+    per_worker = per_worker if isinstance(per_worker, Mapping) else {}
+    share = _float(per_worker.get("GPU" if gpu else "CPU"))
+    return workers * (share if share else 1.0) * wall / 3600.0
+
+
 def _trial_row(rec: TrialRecord, exp: Experiment) -> dict[str, Any]:
     cfg = rec.config
     train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     scaling = cfg.get("scaling") if isinstance(cfg.get("scaling"), dict) else {}
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     st = rec.status_file
     rows = _by_step(_history_rows(rec))
+    wall_time_s = _first(_float(st.get("wall_time_s")), _last(rows, "time_s"))
 
     zero_shot = next(
         (
@@ -488,6 +515,9 @@ def _trial_row(rec: TrialRecord, exp: Experiment) -> dict[str, Any]:
         "num_workers": scaling.get("num_workers"),
         "use_gpu": scaling.get("use_gpu"),
         "pretrained": model.get("pretrained"),
+        "synthetic_data": (
+            (data.get("synthetic") is not None) if "synthetic" in data or "root" in data else None
+        ),
         # What the trial ran with, when it says so; else what the spec asked for.
         "trust_remote_code": trust if trust is not None else model.get("trust_remote_code"),
         "status": rec.status,
@@ -504,7 +534,8 @@ def _trial_row(rec: TrialRecord, exp: Experiment) -> dict[str, Any]:
         "steps": _first(_int(st.get("steps")), _max(rows, "step", _int)),
         "total_steps": st.get("total_steps"),
         "epochs": _first(_float(st.get("epochs")), _max(rows, "epoch")),
-        "wall_time_s": _first(_float(st.get("wall_time_s")), _last(rows, "time_s")),
+        "wall_time_s": wall_time_s,
+        "device_hours": device_hours(wall_time_s, st, scaling),
         "skipped_images": _first(
             _int(st.get("skipped_images")), _last(rows, "skipped_images", _int)
         ),

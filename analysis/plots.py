@@ -10,15 +10,19 @@ and the report then simply has no image there.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from analysis.tables import (
+    METRIC,
     Table,
     axis_label,
     combos,
@@ -36,6 +40,8 @@ from analysis.tables import (
 from sweeper.sink import atomic_write_bytes
 
 _DPI = 110
+_ZERO_SHOT = {"color": "black", "linestyle": ":", "linewidth": 1.5}
+_SAME_BASELINE = 0.1  # points: zero-shot figures closer than this are drawn as one line
 
 
 def _new_figure(width: float = 6.4, height: float = 4.2) -> Figure:
@@ -64,9 +70,30 @@ def _numeric(values: list[Any]) -> bool:
     )
 
 
+def _zero_shot_lines(ax: Any, xs: list[Any], ours: list[Any], colours: dict[Any, str]) -> None:
+    """The zero-shot (step-0) accuracy as a reference line: one grey line when every cell
+    starts from the same figure, else a dotted line per variant in its colour."""
+    means = [
+        [(x, b.mean * 100) for x, b in zip(xs, col.baseline, strict=True) if b.mean is not None]
+        for col in ours
+    ]
+    flat = [m for pts in means for _, m in pts]
+    if not flat:
+        return
+    if max(flat) - min(flat) < _SAME_BASELINE:
+        ax.axhline(math.fsum(flat) / len(flat), label="zero-shot (step 0)", **_ZERO_SHOT)
+        return
+    for col, pts in zip(ours, means, strict=True):
+        if pts:
+            ax.plot([x for x, _ in pts], [m for _, m in pts], label=f"{col.label} zero-shot",
+                    **{**_ZERO_SHOT, "color": colours.get(col.variant, "black")})
+
+
 def axis_plot(table: Table) -> Figure | None:
     """Val top-1 against the table's axis, one line per variant with ±std error bars over
-    seeds and the reference figures dashed in the same colour. Log2 x for batch size.
+    seeds, the reference figures dashed in the same colour and the zero-shot (step-0)
+    accuracy dotted, so that the plot shows whether fine-tuning helped. Log2 x for batch
+    size.
 
     None when the axis is not numeric or no variant has two points to join.
     """
@@ -105,6 +132,7 @@ def axis_plot(table: Table) -> Figure | None:
             color=colours.get(col.variant, "grey"),
             label=col.label,
         )
+    _zero_shot_lines(ax, xs, ours, colours)
     if table.axis == "batch_size":
         ax.set_xscale("log", base=2)
     elif min(xs) > 0 and max(xs) / min(xs) >= 10:
@@ -123,6 +151,7 @@ def axis_plot(table: Table) -> Figure | None:
 
 
 _MAX_LINES = 10  # more settings than this: one plot per variant, then one panel per value
+_MAX_LEGEND = 30  # more lines than this in a panel: no legend (thousands would hide the plot)
 
 
 def _curves(
@@ -173,6 +202,10 @@ def learning_curves(
             label = describe(rest) or fmt_value(variant if variant is not None else "all")
             colour = _ramp(i, len(lines)) if many else f"C{i}"
             ax.plot(mean.index, mean.to_numpy() * 100, marker=".", label=label, color=colour)
+        starts = [mean.loc[0] for _, mean in lines if 0 in mean.index]
+        if starts:
+            ax.axhline(math.fsum(starts) / len(starts) * 100, label="zero-shot (step 0), mean",
+                       **_ZERO_SHOT)
         if facet:
             ax.set_title(describe({facet: value}), fontsize="medium")
         ax.grid(alpha=0.3)
@@ -182,17 +215,21 @@ def learning_curves(
         ax.set_xlabel("step")
     for ax in axes[::ncols]:
         ax.set_ylabel("val top-1 (%)")
-    # One legend for the figure: the panel with the most lines names them all.
+    # One legend for the figure: the panel with the most lines names them all; beyond
+    # _MAX_LEGEND entries a legend is unreadable, and the colour ramp (grid order) stays.
     fullest = max(range(len(panels)), key=lambda i: len(axes[i].get_lines()))
     handles, labels = axes[fullest].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="center left",
-        bbox_to_anchor=(1.0, 0.5),
-        fontsize="x-small" if len(labels) > _MAX_LINES else "small",
-    )
     title = "learning curves, mean over seeds"
+    if len(labels) <= _MAX_LEGEND:
+        fig.legend(
+            handles,
+            labels,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize="x-small" if len(labels) > _MAX_LINES else "small",
+        )
+    else:
+        title += f" ({len(labels) - 1} settings a panel, in grid order: dark to light)"
     fig.suptitle(title + (f": {fmt_value(variant)}" if variant is not None else ""))
     fig.tight_layout()
     return fig
@@ -241,6 +278,74 @@ def seen_unseen_plot(trials: pd.DataFrame) -> Figure | None:
     return fig
 
 
+def parallel_coordinates(trials: pd.DataFrame, metric: str = METRIC) -> Figure | None:
+    """One line per finished trial across every varying grid axis, ending at its final
+    val top-1 and coloured by it, so that the axis whose levels sort the colours is the
+    one that mattered. Every grid axis is a set of levels on evenly spaced ticks (numbers
+    ascending, names in grid order); the last axis is val top-1 with the mean zero-shot
+    (step-0) accuracy marked. The best trials are drawn last, on top.
+
+    None unless the grid varies two or more axes and some trial has finished.
+    """
+    axes = varying(trials, group_axes(trials))
+    done = finished(trials)
+    done = done[done[metric].notna()]
+    if len(axes) < 2 or done.empty:
+        return None
+    done = done.sort_values(metric, kind="stable")
+    scores = done[metric].to_numpy(dtype=float) * 100
+    zero = done["zero_shot_top1"].dropna().to_numpy(dtype=float) * 100
+    lo = min(scores.min(), zero.min()) if zero.size else scores.min()
+    hi = max(scores.max(), zero.max()) if zero.size else scores.max()
+    span = (hi - lo) or 1.0
+    levels = [unique(trials[a]) for a in axes]
+    ys = np.empty((len(done), len(axes) + 1))
+    for j, (axis, values) in enumerate(zip(axes, levels, strict=True)):
+        where = {v: i / (len(values) - 1) for i, v in enumerate(values)}
+        ys[:, j] = [where.get(py(v), 0.0) for v in done[axis]]
+    ys[:, -1] = (scores - lo) / span
+    xs = np.arange(len(axes) + 1, dtype=float)
+    fig = _new_figure(max(6.4, 1.7 * (len(axes) + 1)), 4.4)
+    ax = fig.add_subplot()
+    # Thin and translucent when there are many lines, so that where they bunch shows.
+    lines = LineCollection(
+        [np.column_stack([xs, row]) for row in ys],
+        array=scores,
+        cmap="viridis",
+        linewidths=1.5 if len(done) <= 50 else 0.6,
+        alpha=1.0 if len(done) <= 50 else max(0.05, min(0.6, 30 / len(done))),
+    )
+    ax.add_collection(lines)
+    for j, values in enumerate(levels):
+        ax.axvline(j, color="black", linewidth=0.8)
+        for i, v in enumerate(values):
+            ax.text(j - 0.03, i / (len(values) - 1), fmt_value(v), ha="right", va="center",
+                    fontsize="small")
+    last = len(axes)
+    ax.axvline(last, color="black", linewidth=0.8)
+    for tick in np.linspace(lo, hi, 5):
+        ax.text(last + 0.03, (tick - lo) / span, f"{tick:.1f}", ha="left", va="center",
+                fontsize="small")
+    if zero.size:
+        z = (zero.mean() - lo) / span
+        ax.plot([last - 0.08, last + 0.08], [z, z], color="red", linewidth=2,
+                label=f"zero-shot (step 0), mean: {zero.mean():.1f}%")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0.0, -0.12))
+    ax.set_xlim(-0.35, last + 0.35)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([*(axis_label(a) for a in axes), "val top-1 (%)"])
+    ax.set_yticks([])
+    for side in ("left", "right", "top", "bottom"):
+        ax.spines[side].set_visible(False)
+    colourbar = fig.colorbar(lines, ax=ax, pad=0.08)
+    colourbar.set_label("final val top-1 (%)")
+    if zero.size:
+        colourbar.ax.axhline(zero.mean(), color="red", linewidth=2)
+    ax.set_title(f"which axis mattered: one line per trial ({len(done)}), coloured by val top-1")
+    return fig
+
+
 def plot_name(key: str) -> str:
     """File name of a plot: its table key, made safe and bounded."""
     name = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key)
@@ -256,7 +361,8 @@ def write_plots(
     """Draw every plot the data supports into `plots_dir`; returns {key: path}.
 
     Keys: each axis table's key, `learning_curves` (all settings in one plot when they
-    are few) or `learning_curves__variant-<name>` (one per variant), `seen_vs_unseen`.
+    are few) or `learning_curves__variant-<name>` (one per variant), `seen_vs_unseen`,
+    `parallel_coordinates` (two or more varying axes).
     """
     out: dict[str, Path] = {}
     for table in axis_tables:
@@ -276,6 +382,9 @@ def write_plots(
     fig = seen_unseen_plot(trials)
     if fig is not None:
         out["seen_vs_unseen"] = save(fig, plots_dir / plot_name("seen_vs_unseen"))
+    fig = parallel_coordinates(trials)
+    if fig is not None:
+        out["parallel_coordinates"] = save(fig, plots_dir / plot_name("parallel_coordinates"))
     # plots/ belongs to the analysis: drop images of an earlier run that this data no
     # longer supports, so the folder shows what report.md shows.
     for stale in sorted(set(plots_dir.glob("*.png")) - set(out.values())):

@@ -15,13 +15,26 @@ Assumptions made in transcribing (the report does not state them):
 
 The SigLiT setting batch 64 / 10 classes was measured twice (80.30% in the
 train-classes study, 80.74% in the batch-size study); each study keeps its own figure.
+
+A figure only stands beside ours when our trials are the same study: the reference's
+model (`same_model`: its hub id, or a local directory of the same architecture), real
+data (not the synthetic set), and the study's axes with the others at its values
+(`lookup`). `why_not` says in words which of these a sweep misses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# The checkpoint every study of the course report fine-tuned.
+MODEL = "google/siglip-base-patch16-224"
+# What "the same architecture" means for a local directory: its config.json says so.
+_ARCHITECTURE = {"model_type": "siglip", "hidden_size": 768, "patch_size": 16, "image_size": 224}
 
 SIGLIP = "siglip"  # sigmoid loss, both towers trained
 SIGLIT = "siglit"  # sigmoid loss, vision tower frozen (locked-image tuning)
@@ -143,3 +156,74 @@ def figure(study: Study, value: Any) -> float | None:
         if _same(key, value):
             return pct
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _local_architecture(directory: str) -> dict[str, Any] | None:
+    """model_type and the vision tower's hidden size, patch and image size, as the
+    directory's config.json states them (None when it cannot be read)."""
+    try:
+        config = json.loads((Path(directory).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    vision = config.get("vision_config")
+    vision = vision if isinstance(vision, dict) else {}
+    return {
+        "model_type": config.get("model_type"),
+        **{k: vision.get(k) for k in ("hidden_size", "patch_size", "image_size")},
+    }
+
+
+def same_model(pretrained: Any) -> bool:
+    """True when `pretrained` (a trial's `model.pretrained`) is the reference's model.
+
+    That is the hub id `google/siglip-base-patch16-224` (case aside), or a local directory
+    whose config.json has `model_type: siglip` and a vision tower with hidden size 768,
+    patch 16 and image size 224, all stated explicitly (a config that leaves them to the
+    library's defaults does not count). Presets such as `tiny` and other hub ids do not.
+    """
+    if not isinstance(pretrained, str) or not pretrained:
+        return False
+    if pretrained.strip().rstrip("/").lower() == MODEL:
+        return True
+    return _local_architecture(pretrained) == _ARCHITECTURE
+
+
+def same_setting(pretrained: Iterable[Any], synthetic: Iterable[Any]) -> bool:
+    """True when every trial (its `model.pretrained`, and whether its data is synthetic)
+    runs the reference's model on real data; unknown data does not count as real."""
+    models, data = set(pretrained), list(synthetic)
+    return (
+        bool(models) and bool(data)
+        and all(same_model(p) for p in models) and all(s is False for s in data)
+    )
+
+
+def why_not(pretrained: Iterable[Any], synthetic: Iterable[Any]) -> str:
+    """One line saying why no reference figure applies to a sweep with these trials."""
+    models = sorted({str(p) for p in pretrained if p is not None})
+    data = list(synthetic)
+    model_ok = bool(models) and all(same_model(p) for p in models)
+    data_ok = bool(data) and all(s is False for s in data)
+    if not (model_ok and data_ok):
+        if model_ok:
+            ours = "the same model"
+        else:
+            ours = ", ".join(f"`{m}`" for m in models[:3]) + (" ..." if len(models) > 3 else "")
+        if data_ok:
+            where = "real data"
+        elif any(s is True for s in data):
+            where = "synthetic data"
+        else:
+            where = "data of unknown origin"
+        return (
+            f"No reference figures apply: the course report fine-tuned `{MODEL}` on real "
+            f"ImageNet images; this sweep fine-tunes {ours or 'an unknown model'} on {where}."
+        )
+    return (
+        "No reference figures apply: no table of this sweep reproduces one of the course "
+        "report's studies (a sigmoid-loss variant against batch size, training classes or "
+        "text source, the other axes at the study's values)."
+    )

@@ -19,9 +19,11 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from analysis import reference
 from analysis import tables as T
 from analysis.collect import Experiment, ExperimentNotFound, read_experiment
 from analysis.dataset import ReadOnlyLocation, output_dir, write_tables
+from analysis.importance import importance, render_importance
 from analysis.plots import write_plots
 from sweeper.sink import atomic_write_bytes
 
@@ -34,12 +36,19 @@ _CONVENTIONS = (
     "**Bold** marks the best cell of each column. Each table holds the axes it does not "
     "show fixed at the values in its heading."
 )
+_TIE_LEGEND = (
+    f"{T.TIE_MARK} marks a cell that Welch's t-test over seeds (two-sided, p ≥ 0.05) cannot "
+    "tell apart from the best cell of its column; cells with fewer than two seeds are not "
+    "tested, and no correction is made for testing several cells."
+)
 _REFERENCE_NOTE = (
     "Columns marked *(reference)* are the course report's single-run figures "
     "(`analysis/reference.py`, from `experiments.md`), shown where our table reproduces "
-    "one of its studies; a variant is matched by its loss and frozen vision tower "
-    "(sigmoid = SigLIP, sigmoid + frozen vision = SigLiT), not by its name."
+    f"one of its studies: the same model (`{reference.MODEL}` or a local SigLIP of its "
+    "architecture), real data, and the study's axes. A variant is matched by its loss and "
+    "frozen vision tower (sigmoid = SigLIP, sigmoid + frozen vision = SigLiT), not by its name."
 )
+_FAILURE_LINES = 50  # more failures of one kind than this: grouped by their error
 
 _AXIS_SECTIONS = {
     "batch_size": "Val top-1 by batch size",
@@ -65,9 +74,29 @@ def _header(exp: Experiment, trials: pd.DataFrame) -> list[str]:
     if fixed:
         lines.append(f"- the same for every trial: {T.describe(fixed)}")
     if "seed" in trials.columns:
-        seeds = ", ".join(T.fmt_value(s) for s in T.unique(trials["seed"]))
-        lines.append(f"- seeds (averaged over): {seeds or '–'}")
+        lines.append(f"- seeds (averaged over): {T.fmt_values(trials['seed'])}")
+    lines.append(f"- {_device_time(trials)}")
     return [*lines, "", _CONVENTIONS, ""]
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.0f}" if h >= 100 else f"{h:.2f}" if h >= 1 else f"{h:.3f}"
+
+
+def _device_time(trials: pd.DataFrame) -> str:
+    """`device time: 3.20 CPU-hours over 8 trials (...)`, from `device_hours`."""
+    hours = trials["device_hours"].dropna() if "device_hours" in trials else pd.Series([])
+    if hours.empty:
+        return "device time: – (no trial has a wall time yet)"
+    gpu = {T.py(v) for v in trials.loc[hours.index, "use_gpu"]} if "use_gpu" in trials else set()
+    unit = {frozenset({True}): "GPU-hours", frozenset({False}): "CPU-hours"}.get(
+        frozenset(gpu), "device-hours"
+    )
+    return (
+        f"device time: {_hours(float(hours.sum()))} {unit} over {len(hours)} trials "
+        "(workers × devices per worker × wall time; per trial: `device_hours` in "
+        "`trials.parquet`)"
+    )
 
 
 def _section(
@@ -78,6 +107,8 @@ def _section(
         lines += [note, ""]
     for table in tables:
         lines += [T.render(table), ""]
+        if table.compare and (lead := T.lead_line(table)) is not None:
+            lines += [lead, ""]
         if table.key in plots:
             lines += [_image(plots[table.key], out, table.key), ""]
     return lines
@@ -90,10 +121,38 @@ def _failures(trials: pd.DataFrame) -> list[str]:
         if rows.empty:
             continue
         lines += [f"## {title}", ""]
-        for _, r in rows.iterrows():
-            err = T.py(r["error"])
-            lines.append(f"- `{r['trial_id']}`: {err or '(no error recorded)'}")
+        errors = [T.py(e) or "(no error recorded)" for e in rows["error"]]
+        ids = list(rows["trial_id"])
+        if len(rows) <= _FAILURE_LINES:
+            lines += [f"- `{tid}`: {err}" for tid, err in zip(ids, errors, strict=True)]
+        else:  # one line per distinct error, most frequent first
+            by_error: dict[str, list[str]] = {}
+            for tid, err in zip(ids, errors, strict=True):
+                by_error.setdefault(err, []).append(tid)
+            ranked = sorted(by_error.items(), key=lambda item: -len(item[1]))
+            for err, tids in ranked[:_FAILURE_LINES]:
+                some = ", ".join(f"`{t}`" for t in tids[:3]) + (", …" if len(tids) > 3 else "")
+                lines.append(f"- {len(tids)} trials: {err} ({some})")
+            if len(ranked) > _FAILURE_LINES:
+                lines.append(f"- {len(ranked) - _FAILURE_LINES} other errors: see `trials.parquet`")
         lines.append("")
+    return lines
+
+
+def _importance(trials: pd.DataFrame, plots: dict[str, Path], out: Path) -> list[str]:
+    imp = importance(trials)
+    if imp is None:
+        return []
+    lines = ["## Which axis mattered", "", render_importance(imp), ""]
+    if "parallel_coordinates" in plots:
+        lines += [
+            "One line per terminated trial through its value of every varying axis (evenly "
+            "spaced levels), ending at its final val top-1 and coloured by it; the red mark "
+            "is the mean zero-shot (step-0) accuracy.",
+            "",
+            _image(plots["parallel_coordinates"], out, "parallel coordinates"),
+            "",
+        ]
     return lines
 
 
@@ -110,9 +169,21 @@ def build_markdown(
     plots = write_plots(plots_dir, trials, history, [t for ts in axis_tables.values() for t in ts])
 
     lines = _header(exp, trials)
+    grid = T.grid_tables(trials)
+    compared = [*grid, *(t for ts in axis_tables.values() for t in ts)]
+    if any(T.lead_line(t) is not None for t in compared):
+        lines += [_TIE_LEGEND, ""]
     if any(c.reference for ts in axis_tables.values() for t in ts for c in t.columns):
         lines += [_REFERENCE_NOTE, ""]
-    grid = T.grid_tables(trials)
+    else:
+        lines += [
+            reference.why_not(
+                (T.py(v) for v in trials.get("pretrained", [])),
+                (T.py(v) for v in trials.get("synthetic_data", [])),
+            ),
+            "",
+        ]
+    lines += _importance(trials, plots, out)
     if grid:
         lines += _section(
             "Batch size × train classes",
@@ -152,7 +223,11 @@ def build_markdown(
         ]
         lines += [line for k in curves for line in (_image(plots[k], out, k), "")]
     lines += _failures(trials)
-    lines += ["## All trials", "", T.trial_list(trials), ""]
+    shown, left_out = T.trial_selection(trials)
+    lines += ["## All trials", ""]
+    if left_out:
+        lines += [left_out, ""]
+    lines += [T.trial_list(shown), ""]
     return "\n".join(lines), plots
 
 

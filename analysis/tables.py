@@ -9,7 +9,12 @@ Conventions (also stated at the top of every report):
   and is "–" when n = 1; a cell with no finished trial is "–";
 - only `terminated` trials enter a cell: a running trial's metrics are not final, and
   a diverged or errored one is listed on its own instead of dragging the mean;
-- the best cell of each column (by the mean as printed) is bold;
+- the best cell of each column (by the mean as printed) is bold; in the comparison
+  tables (per axis, batch size × classes) a † marks a cell that Welch's t-test over seeds
+  (two-sided, p >= 0.05) cannot tell apart from the best, and `lead_line` says whether
+  the best cell's lead over the runner-up exceeds the seed-to-seed spread;
+- the course report's figures stand beside ours only for the same study: its model on
+  real data (`reference.same_setting`) and its axes (`reference.lookup`);
 - per-axis tables: rows are the axis, columns the variants (with the course report's
   figure beside a variant where our table reproduces one of its studies); the other
   axes are held fixed, one table per combination of their values; axes with a single
@@ -29,10 +34,13 @@ import pandas as pd
 
 from analysis import reference
 from analysis.collect import NAMED_AXES, is_extra_axis_column
+from analysis.stats import Welch, welch
 
 INCLUDED_STATUSES = ("terminated",)
 METRIC = "val_top1"
 _SCALE = 100.0  # accuracies are stored as fractions, shown in percent
+ALPHA = 0.05  # Welch's t-test: a lead with p below this exceeds the seed-to-seed spread
+TIE_MARK = "†"
 
 AXIS_LABELS = {
     "variant": "variant",
@@ -63,6 +71,7 @@ class Column:
     cells: list[Stats]
     reference: bool = False
     variant: str | None = None
+    baseline: list[Stats] = field(default_factory=list)  # zero-shot (step 0) per cell
 
 
 @dataclass
@@ -78,6 +87,7 @@ class Table:
     row_values: list[Any] = field(default_factory=list)
     fixed: dict[str, Any] = field(default_factory=dict)
     note: str | None = None
+    compare: bool = False  # mark cells not told apart from the best (Welch over seeds)
 
 
 # --------------------------------------------------------------------------- values
@@ -152,17 +162,79 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+@dataclass(frozen=True)
+class Lead:
+    """The best cell of one column against the others, by Welch's t-test over seeds.
+
+    `ties`: rows whose cells the test cannot tell apart from the best (p >= ALPHA);
+    `runner_up` and `test`: the next-best row and the test of the best against it (None
+    when either has fewer than two seeds, or there is no other row)."""
+
+    best: frozenset[int]
+    runner_up: int | None
+    test: Welch | None
+    ties: frozenset[int]
+
+
+def lead(column: Column) -> Lead | None:
+    """The Lead of a column of ours (None for a reference column or one without data)."""
+    top = best_rows(column)
+    if column.reference or not top:
+        return None
+    best = column.cells[min(top)]
+    ties, tests = set(), {}
+    for i, c in enumerate(column.cells):
+        if i in top or c.mean is None:
+            continue
+        if best.n >= 2 and c.n >= 2:
+            tests[i] = welch(best.mean, best.std or 0.0, best.n, c.mean, c.std or 0.0, c.n)
+            if tests[i] is not None and tests[i].p >= ALPHA:
+                ties.add(i)
+    others = [i for i, c in enumerate(column.cells) if i not in top and _shown(c) is not None]
+    runner_up = max(others, key=lambda i: (_shown(column.cells[i]), -i)) if others else None
+    return Lead(frozenset(top), runner_up, tests.get(runner_up), frozenset(ties))
+
+
+def lead_line(table: Table) -> str | None:
+    """One line per comparison table: does each column's best cell lead the runner-up by
+    more than the seed-to-seed spread? None when no column has two seeds to test."""
+    parts = []
+    for col in table.columns:
+        ld = lead(col)
+        if ld is None or ld.runner_up is None or ld.test is None:
+            continue
+        best, other = min(ld.best), ld.runner_up
+        gap = (col.cells[best].mean - col.cells[other].mean) * _SCALE
+        verdict = "beyond the seed spread" if ld.test.p < ALPHA else "within the seed spread"
+        parts.append(
+            f"{col.label}: {' / '.join(table.row_labels[best])} leads "
+            f"{' / '.join(table.row_labels[other])} by {gap:.2f} points, "
+            f"p = {ld.test.p:.2g}, {verdict}"
+        )
+    if not parts:
+        return None
+    return "Best vs runner-up (Welch's t-test over seeds, two-sided, p < 0.05): " + "; ".join(
+        parts
+    ) + "."
+
+
 def render(table: Table) -> str:
-    """The table as GitHub markdown (heading, optional note, table), best cells bold."""
+    """The table as GitHub markdown (heading, optional note, table), best cells bold; in
+    a comparison table, cells not told apart from the best marked †."""
     header = [*table.row_header, *(c.label for c in table.columns)]
     lines = ["| " + " | ".join(_escape(h) for h in header) + " |"]
     lines.append("|" + "---|" * len(header))
     best = [best_rows(c) for c in table.columns]
+    ties = [
+        (ld.ties if table.compare and (ld := lead(c)) is not None else frozenset())
+        for c in table.columns
+    ]
     for i, labels in enumerate(table.row_labels):
         cells = [_escape(x) for x in labels]
-        for col, top in zip(table.columns, best, strict=True):
+        for col, top, tied in zip(table.columns, best, ties, strict=True):
             text = (fmt_reference if col.reference else fmt_stats)(col.cells[i])
-            cells.append(f"**{text}**" if i in top else text)
+            text = f"**{text}**" if i in top else text
+            cells.append(f"{text} {TIE_MARK}" if i in tied else text)
         lines.append("| " + " | ".join(cells) + " |")
     out = []
     if table.heading:
@@ -257,6 +329,16 @@ def variant_kind(trials: pd.DataFrame, variant: Any) -> str | None:
     return reference.model_kind(loss, frozen)
 
 
+def reference_applies(rows: pd.DataFrame) -> bool:
+    """The trials run the course report's model on real data (`reference.same_setting`);
+    a frame without the columns (an older trials.parquet) does not say so."""
+    if "pretrained" not in rows or "synthetic_data" not in rows:
+        return False
+    return reference.same_setting(
+        (py(v) for v in rows["pretrained"]), (py(v) for v in rows["synthetic_data"])
+    )
+
+
 # --------------------------------------------------------------------------- tables
 
 
@@ -278,10 +360,18 @@ def axis_tables(trials: pd.DataFrame, axis: str, metric: str = METRIC) -> list[T
         columns = []
         for v in variants:
             of_v = sub_done[mask(sub_done, {"variant": v})]
-            cells = [stats(of_v[mask(of_v, {axis: r})][metric]) for r in rows]
-            columns.append(Column(fmt_value(v), cells, variant=v))
+            at = [of_v[mask(of_v, {axis: r})] for r in rows]
+            columns.append(
+                Column(
+                    fmt_value(v),
+                    [stats(d[metric]) for d in at],
+                    variant=v,
+                    baseline=[stats(d["zero_shot_top1"]) for d in at],
+                )
+            )
             study = reference.lookup(variant_kind(trials, v), axis, fixed)
-            if metric == METRIC and study is not None:
+            same = study is not None and reference_applies(sub[mask(sub, {"variant": v})])
+            if metric == METRIC and same:
                 figs = [reference.figure(study, r) for r in rows]
                 if any(f is not None for f in figs):
                     ref_cells = [
@@ -300,6 +390,7 @@ def axis_tables(trials: pd.DataFrame, axis: str, metric: str = METRIC) -> list[T
                 axis=axis,
                 row_values=rows,
                 fixed=fixed,
+                compare=True,
             )
         )
     return tables
@@ -336,6 +427,7 @@ def grid_tables(trials: pd.DataFrame, metric: str = METRIC) -> list[Table]:
                 row_labels=[[fmt_value(b)] for b in sizes],
                 columns=columns,
                 row_values=sizes,
+                compare=True,
             )
         )
     return tables
@@ -403,8 +495,57 @@ def _pct(v: Any) -> str:
     return "–" if v is None else f"{float(v) * _SCALE:.2f}"
 
 
+TRIAL_LIST_LIMIT = 100  # rows of the all-trials table; a larger sweep shows a selection
+_EXTREMES = 3  # best and worst finished trials shown per setting of a large sweep
+_FAILED = ("errored", "diverged")
+
+
+def trial_selection(trials: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The trials the all-trials table lists, and a line on what it leaves out (None when
+    it lists them all, i.e. up to TRIAL_LIST_LIMIT trials).
+
+    Beyond the limit: errored and diverged trials first (up to half the limit), then the
+    best and worst few finished trials by final val top-1 of each setting, or of each
+    variant when the settings are too many for the limit.
+    """
+    n = len(trials)
+    if n <= TRIAL_LIST_LIMIT:
+        return trials, None
+    failed = trials[trials["status"].isin(_FAILED)]
+    shown_failed = failed.iloc[: TRIAL_LIST_LIMIT // 2]
+    budget = TRIAL_LIST_LIMIT - len(shown_failed)
+    done = finished(trials)
+    done = done[done[METRIC].notna()]
+    keys, unit = varying(trials, group_axes(trials)), "setting"
+    n_groups = len(combos(done, keys)) if keys else 1
+    if 2 * n_groups > budget:
+        keys, unit = (["variant"] if "variant" in keys else []), "variant"
+        n_groups = len(combos(done, keys)) if keys else 1
+    per = max(1, min(_EXTREMES, budget // (2 * max(n_groups, 1))))
+    picks = []
+    for combo in combos(done, keys) if not done.empty else []:
+        ranked = done[mask(done, combo)].sort_values(METRIC, ascending=False, kind="stable")
+        picks += [ranked.head(per), ranked.iloc[max(per, len(ranked) - per) :]]
+    best_worst = pd.concat(picks).iloc[:budget] if picks else done.iloc[:0]
+    shown = pd.concat([shown_failed, best_worst])
+    if len(failed) > len(shown_failed):
+        lead_in = (
+            f"the first {len(shown_failed)} of {len(failed)} errored and diverged trials, then "
+        )
+    elif len(failed):
+        lead_in = "every errored and diverged trial, then "
+    else:
+        lead_in = ""
+    note = (
+        f"Showing {len(shown)} of {n} trials: {lead_in}the {per} best and {per} worst finished "
+        f"trials (final val top-1) of each {unit}. Every trial, with every column, is in "
+        "`trials.parquet`."
+    )
+    return shown, note
+
+
 def trial_list(trials: pd.DataFrame) -> str:
-    """Every trial on one line: status, steps done (/ planned), and its own accuracies."""
+    """The trials on one line each: status, steps done (/ planned), their own accuracies."""
     lines = [
         "| trial | status | steps | zero-shot top-1 | final top-1 | best top-1 |",
         "|---|---|---|---|---|---|",
@@ -418,6 +559,30 @@ def trial_list(trials: pd.DataFrame) -> str:
             f"{_pct(r['zero_shot_top1'])} | {_pct(r['val_top1'])} | {_pct(r['best_val_top1'])} |"
         )
     return "\n".join(lines)
+
+
+def fmt_values(values: Sequence[Any], limit: int = 12) -> str:
+    """Distinct values on one line: runs of three or more integers as ranges, the count
+    when there is more than one value, at most `limit` items (`0-1249 (1250)`,
+    `0, 2, 5-9 (7)`, `a, b, c, …, z (40)`)."""
+    vals = unique(pd.Series(list(values), dtype=object))
+    # A null in an int64 column turns it float in pandas: 3.0 is the seed 3.
+    vals = [int(v) if isinstance(v, float) and v.is_integer() else v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        items, start = [], 0
+        for i in range(1, len(vals) + 1):
+            if i == len(vals) or vals[i] != vals[i - 1] + 1:
+                run = vals[start:i]
+                items += [f"{run[0]}-{run[-1]}"] if len(run) >= 3 else [str(v) for v in run]
+                start = i
+    else:
+        items = [fmt_value(v) for v in vals]
+    if len(items) > limit:
+        items = [*items[: limit - 1], "…", items[-1]]
+    text = ", ".join(items)
+    return text if len(vals) == 1 else f"{text} ({len(vals)})"
 
 
 def status_counts(trials: pd.DataFrame) -> str:

@@ -34,8 +34,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import analysis
 from analysis import reference
 from analysis.report import main, write_report
+from sweeper.grid import grid_axes
 from sweeper.sink import first_error_line
-from sweeper.spec import grid_axes, spec_fingerprint, trial_configs, validate
+from sweeper.spec import spec_fingerprint, trial_configs, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = [f"n{i:08d}" for i in range(1, 13)]  # 12 eval classes
@@ -113,15 +114,23 @@ def make_experiment(
     grid: dict[str, Any],
     special: bool = True,
     per_class: bool = True,
+    real: bool = True,
 ) -> Path:
-    """Write a synthetic experiment directory for `grid` and return its path."""
+    """Write a synthetic experiment directory for `grid` and return its path. `real`: its
+    spec names the course report's model and real data (so the reference figures apply),
+    else the offline `tiny` preset on the synthetic dataset."""
     doc = {
         "name": name,
+        "model": {"pretrained": reference.MODEL if real else "tiny"},
         "variants": {
             "siglip": {"loss": "sigmoid"},
             "siglit": {"loss": "sigmoid", "freeze_vision": True},
         },
-        "data": {"synthetic": {"n_classes": 12}},
+        "data": (
+            {"root": "/data/imagenet", "captions": "captions.jsonl"}
+            if real
+            else {"synthetic": {"n_classes": 12}}
+        ),
         "train": {"epochs": 2},
         "grid": grid,
     }
@@ -324,8 +333,11 @@ def test_trials_rows_statuses_and_columns(built: tuple[Path, dict[str, Path]]) -
     assert (done["loss"], bool(done["freeze_vision"]), done["pretrained"]) == (
         "sigmoid",
         True,
-        "tiny",
+        reference.MODEL,
     )
+    assert not done["synthetic_data"]
+    # Device-hours: 1 worker x 1 CPU x 42 s.
+    assert done["device_hours"] == pytest.approx(42.0 / 3600)
     assert done["trial_path"] == str(exp / "trials" / "siglit-templates-bs64-k2-s1")
 
     # A killed trial keeps what it reported before the torn line.
@@ -739,7 +751,9 @@ def test_disk_full_keeps_the_previous_report(
               if p.is_file() and p.suffix in (".md", ".parquet", ".png")}
     shutil.rmtree(exp / "trials" / "siglip-templates-bs64-k2-s1")  # the new report differs
     report = exp / "report.md"
-    limit = 0 if at == "first_write" else len(report.read_bytes()) - 1
+    # From the write of report.md on, less room than half the old report: the new one (a
+    # trial fewer) cannot fit.
+    limit = 0 if at == "first_write" else len(report.read_bytes()) // 2
     r = subprocess.run([sys.executable, "-c", _FSIZE_LIMITED, str(exp), str(limit), at],
                        capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 1, r.stderr
