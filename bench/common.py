@@ -125,10 +125,11 @@ def spec_doc(model_dir: Path | str, synth: dict[str, Any], storage: Path | str,
 
 
 def trial_config(doc: dict[str, Any]) -> Any:
-    """The (first) trial of a search-space document."""
-    from sweeper.spec import trial_configs, validate
+    """The (first) trial of a search-space document, its model resolved."""
+    from sweeper.prepare import resolved_trials
+    from sweeper.spec import validate
 
-    return trial_configs(validate(doc))[0]
+    return resolved_trials(validate(doc), cache_dir())[0]
 
 
 def run_in_process(cfg: Any, trial_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, batch: int) -> dict[str, Any]:
 
     from sweeper.losses import sigmoid_loss
     from sweeper.models import DualEncoder
-    from sweeper.worker import train_step
+    from sweeper.training import train_step
 
     dry = args.cpu_dry_run
     device = torch.device("cpu" if dry else "cuda")

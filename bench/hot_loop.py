@@ -47,14 +47,13 @@ def bare_loop(cfg: Any, n_steps: int, chunks: int, warmup: int = 2) -> list[floa
     import torch
 
     from sweeper import data as D
-    from sweeper.cache import data_root
     from sweeper.losses import sigmoid_loss
     from sweeper.models import DualEncoder, load_pretrained, text_max_length
 
-    model, processor = load_pretrained(cfg.model)
+    model, processor = load_pretrained(cfg.model_path)
     transform = D.ImageTransform.from_processor(processor.image_processor)
     td = D.build_trial_data(cfg.data, cfg.text_source, cfg.n_train_classes, cfg.seed,
-                            transform, data_root(cfg.data, common.cache_dir()))
+                            transform, D.data_root(cfg.data, common.cache_dir()))
     collate = D.Collate(processor.tokenizer, text_max_length(model, processor))
     sampler = D.GlobalBatchSampler(len(td.train), BATCH, seed=0)
     batches = [collate([td.train[k] for k in idx]) for idx, _ in zip(sampler, range(4),
@@ -84,7 +83,8 @@ def bare_loop(cfg: Any, n_steps: int, chunks: int, warmup: int = 2) -> list[floa
 
 def ray_trial(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Run the one-trial sweep through Ray; its history rows."""
-    from sweeper.orchestration import prepare_experiment, run_sweep
+    from sweeper.experiment import prepare_experiment
+    from sweeper.orchestration import run_sweep
     from sweeper.sink import TrialSink, trial_dir
     from sweeper.spec import trial_configs, validate
 

@@ -40,9 +40,9 @@ def loader_seconds(cfg, cached: bool, store_root: Path, reps: int = 3) -> float:
     from sweeper import data as D
     from sweeper.models import load_pretrained, text_max_length
 
-    model, processor = load_pretrained(cfg.model)
+    model, processor = load_pretrained(cfg.model_path)
     transform = D.ImageTransform.from_processor(processor.image_processor)
-    root = C.data_root(cfg.data, common.cache_dir())
+    root = D.data_root(cfg.data, common.cache_dir())
     td = D.build_trial_data(cfg.data, cfg.text_source, cfg.n_train_classes, cfg.seed,
                             transform, root)
     ds = td.train

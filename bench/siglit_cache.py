@@ -77,9 +77,9 @@ def time_bound(cfg, store_root: Path, reps: int = 3) -> dict[str, float]:
     from sweeper.losses import sigmoid_loss
     from sweeper.models import DualEncoder, load_pretrained, text_max_length
 
-    model, processor = load_pretrained(cfg.model)
+    model, processor = load_pretrained(cfg.model_path)
     transform = D.ImageTransform.from_processor(processor.image_processor)
-    root = C.data_root(cfg.data, common.cache_dir())
+    root = D.data_root(cfg.data, common.cache_dir())
     td = D.build_trial_data(cfg.data, cfg.text_source, cfg.n_train_classes, cfg.seed,
                             transform, root)
     enc = DualEncoder(model, "sigmoid", freeze_vision=True).train()

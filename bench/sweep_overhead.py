@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     overrides = ["grid.text_source=[templates]"] if args.quick else []
     # Warm the cache the sweep uses (the tiny model and the data), as a second run would be.
-    from sweeper.run import prepare_inputs
+    from sweeper.prepare import prepare_inputs
     from sweeper.spec import load_spec
 
     prepare_inputs(load_spec(common.ROOT / "search_spaces" / "quickstart.yaml"), None)

@@ -51,7 +51,10 @@ import numpy as np
 import torch
 
 from sweeper import data as D
+from sweeper.models import DualEncoder, load_pretrained
 from sweeper.sink import atomic_write_json
+from sweeper.spec import DataSpec, ModelSpec, SweepSpec, trial_configs
+from sweeper.training import autocast_for, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +78,6 @@ def cache_root(data_spec: Any, trial_dir: str | Path | None = None,
     if t.parent.name == "trials":
         return t.parents[2] / ".cache"
     return t / ".cache"
-
-
-def data_root(data_spec: Any, cache_dir: str | Path | None = None) -> Path:
-    """The dataset folder a trial reads (the cached synthetic one, or `data.root`)."""
-    if data_spec.synthetic is not None:
-        from sweeper.synthetic import dataset_dir
-
-        s = data_spec.synthetic
-        return dataset_dir(s.n_classes, s.train_per_class, s.val_per_class, s.image_size,
-                           s.seed, Path(cache_dir) if cache_dir else None)
-    return Path(data_spec.root)
 
 
 def _sha(obj: Any) -> str:
@@ -306,8 +298,7 @@ def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.ImageTr
     """The frozen-tower feature store of a split, built with `enc` (a `DualEncoder` whose
     vision tower is the checkpoint's, frozen) if absent."""
     key = feature_key(checkpoint, transform, listing, precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
-        if precision == "bf16" else contextlib.nullcontext
+    autocast = autocast_for(precision, device)
 
     def embed() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         was_training = enc.training
@@ -382,49 +373,6 @@ class EmbedsCollate:
         return out
 
 
-def flip_mask(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """[n] bool: which samples `data.augment: flip` mirrors this epoch. A function of
-    (seed, epoch, sample index) only, so any world size, worker count or resume point
-    flips the same images."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
-    return torch.rand(n, generator=g) < 0.5
-
-
-class DeviceBatches:
-    """The batches of `loader`, on `device` and ready for the step.
-
-    Tensors are copied with `non_blocking=True` (the loader pins them on CUDA, so the copy
-    overlaps the step still running); `augment == "flip"` mirrors the images `flip_mask`
-    picks, on the device. Nothing here reads a device value back (no host sync)."""
-
-    def __init__(self, loader: Any, device: torch.device, augment: str = "none",
-                 seed: int = 0, sampler: Any = None) -> None:
-        self.loader, self.device = loader, device
-        self.augment, self.seed, self.sampler = augment, seed, sampler
-        self._flips: tuple[int, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
-            yield self.finish(batch)
-
-    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
-        index = batch.get("index")
-        if self.device.type != "cpu":
-            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
-                     else v for k, v in batch.items()}
-        px = batch.get("pixel_values")
-        if self.augment == "flip" and isinstance(px, torch.Tensor) and index is not None:
-            epoch = getattr(self.sampler, "epoch", 0)
-            if self._flips is None or self._flips[0] != epoch:
-                self._flips = (epoch, flip_mask(self.seed, epoch, len(self.loader.dataset)))
-            mask = self._flips[1][index].to(px.device, non_blocking=True)
-            batch["pixel_values"] = torch.where(mask.view(-1, 1, 1, 1), px.flip(-1), px)
-        return batch
-
-
 # --------------------------------------------------------------------------- trial wiring
 
 
@@ -476,7 +424,7 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
         log.warning("cache: data.format %r is not cached; decoding instead", cfg.data.format)
         return plain
     root = cache_root(cfg.data, ctx.trial_dir)
-    droot = data_root(cfg.data, ctx.cache_dir)
+    droot = D.data_root(cfg.data, ctx.cache_dir)
     t0 = time.time()
     try:
         listings = {s: SplitListing.scan(droot, s) for s in SPLITS}
@@ -486,9 +434,7 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
         log.warning("cache: cannot map the trial's images to the cache (%s); decoding", e)
         return plain
     if feats:
-        from sweeper.models import resolve_pretrained
-
-        ckpt = checkpoint_fingerprint(resolve_pretrained(cfg.model, ctx.cache_dir))
+        ckpt = checkpoint_fingerprint(cfg.model_path)
         nw = cfg.data.num_workers
         stores = _rank0_first(ctx, lambda: {
             s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
@@ -527,6 +473,7 @@ class CacheJob:
 
     kind: str  # "features" | "images"
     model_json: str
+    model_path: str  # the checkpoint directory (sweeper.prepare)
     data_json: str
     precision: str
     root: str
@@ -535,19 +482,19 @@ class CacheJob:
     trial_id: str  # a trial that needs it (for messages)
 
 
-def cache_jobs(spec: Any, storage: str | Path, cache_dir: str | None = None
-               ) -> list[CacheJob]:
-    """The distinct stores the sweep's trials read, one job each (deduplicated)."""
-    from sweeper.spec import trial_configs
-
+def cache_jobs(spec: SweepSpec, storage: str | Path, model_paths: dict[str, str],
+               cache_dir: str | None = None) -> list[CacheJob]:
+    """The distinct stores the sweep's trials read, one job each (deduplicated);
+    `model_paths` as `sweeper.prepare.model_paths` gives them."""
     jobs: dict[tuple[str, ...], CacheJob] = {}
-    for t in trial_configs(spec):
+    for t in trial_configs(spec, model_paths):
         kind = "features" if uses_feature_cache(t) else "images" if t.data.cache_images \
             else None
         if kind is None or getattr(t.data, "format", "folder") != "folder":
             continue
         precision = t.train.precision if kind == "features" else "-"
-        job = CacheJob(kind, t.model.model_dump_json(), t.data.model_dump_json(), precision,
+        job = CacheJob(kind, t.model.model_dump_json(), str(t.model_path),
+                       t.data.model_dump_json(), precision,
                        str(cache_root(t.data, storage=storage)), cache_dir,
                        t.eval.batch_size, t.trial_id)
         jobs.setdefault((kind, job.model_json, job.data_json, precision), job)
@@ -559,40 +506,29 @@ def job_marker(job: CacheJob) -> Path:
     the job and what its stores' keys depend on that can be read without loading the model
     (the checkpoint's files, the splits' files), so a sweep whose stores are all built
     starts no task, and a changed checkpoint or dataset starts one again."""
-    from sweeper.models import resolve_pretrained
-    from sweeper.spec import DataSpec, ModelSpec
-
-    model_spec = ModelSpec.model_validate_json(job.model_json)
-    droot = data_root(DataSpec.model_validate_json(job.data_json), job.cache_dir)
+    droot = D.data_root(DataSpec.model_validate_json(job.data_json), job.cache_dir)
     key = _sha({"v": CACHE_VERSION, "job": [job.kind, job.model_json, job.data_json,
                                             job.precision, job.batch_size],
-                "checkpoint": checkpoint_fingerprint(resolve_pretrained(model_spec,
-                                                                        job.cache_dir)),
+                "checkpoint": checkpoint_fingerprint(job.model_path),
                 "files": {s: SplitListing.scan(droot, s).digest for s in SPLITS}})[:24]
     return Path(job.root) / "jobs" / f"{key}.json"
 
 
 def run_job(job: CacheJob) -> dict[str, Any]:
     """Build a job's stores (on the GPU when this process has one); returns their keys."""
-    from sweeper.models import DualEncoder, load_pretrained, resolve_pretrained
-    from sweeper.spec import DataSpec, ModelSpec
-
     t0 = time.time()
     model_spec = ModelSpec.model_validate_json(job.model_json)
     data_spec = DataSpec.model_validate_json(job.data_json)
-    droot = data_root(data_spec, job.cache_dir)
+    droot = D.data_root(data_spec, job.cache_dir)
     listings = {s: SplitListing.scan(droot, s) for s in SPLITS}
     root = Path(job.root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_pretrained(model_spec, job.cache_dir)
+    model, processor = load_pretrained(job.model_path, model_spec.trust_remote_code)
     transform = D.ImageTransform.from_processor(processor.image_processor)
     nw = data_spec.num_workers
     if job.kind == "features":
-        precision = job.precision
-        if precision == "auto":
-            cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-            precision = "bf16" if cuda_bf16 else "fp32"
-        ckpt = checkpoint_fingerprint(resolve_pretrained(model_spec, job.cache_dir))
+        precision = resolve_precision(job.precision, device)
+        ckpt = checkpoint_fingerprint(job.model_path)
         enc = DualEncoder(model, "softmax", freeze_vision=True).to(device)
         stores = {s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
                                           device, job.batch_size, nw) for s in SPLITS}

@@ -1,10 +1,11 @@
 """Models by preset, hub id or directory; the two-tower wrapper the worker trains.
 
-`resolve_pretrained(model_spec)` turns `model.pretrained` into a directory or hub id that
-`AutoModel.from_pretrained` / `AutoProcessor.from_pretrained` load, exactly as for a hub
-checkpoint. The presets are built offline and pretrained once on synthetic data (see
-`sweeper.pretrain`), cached by their config `model.tiny`: `tiny` is a small SigLIP,
-`tiny-clip` a CLIP of the same shape; both use a word-level tokenizer.
+`load_pretrained(path)` loads a checkpoint directory through `AutoModel.from_pretrained` /
+`AutoProcessor.from_pretrained`. `sweeper.prepare` resolves `model.pretrained` to such a
+directory once, before trials launch: the presets are built here (`build_tiny`,
+`build_tiny_clip`) and pretrained once on synthetic data by `sweeper.pretrain`, cached by
+their config `model.tiny`: `tiny` is a small SigLIP, `tiny-clip` a CLIP of the same
+shape; both use a word-level tokenizer. Imports nothing else of sweeper.
 """
 
 from __future__ import annotations
@@ -112,13 +113,9 @@ def build_tiny_clip(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
     return CLIPModel(config), processor
 
 
-def resolve_pretrained(model_spec: Any, cache_dir: str | Path | None = None) -> str:
-    """A directory or hub id for `from_pretrained`; builds the tiny preset on first use."""
-    name = model_spec.pretrained
-    if name in PRESETS:
-        from sweeper.pretrain import ensure_tiny
-
-        return str(ensure_tiny(model_spec.tiny, cache_dir, arch=PRESETS[name]))
+def local_checkpoint(name: str) -> str:
+    """`model.pretrained` that is not a preset, checked: an existing model directory
+    (absolute), or a hub id as written. Presets are built by `sweeper.prepare`."""
     p = Path(name).expanduser()
     if p.exists() or name.startswith((".", "/", "~")):
         if not p.exists():
@@ -130,49 +127,69 @@ def resolve_pretrained(model_spec: Any, cache_dir: str | Path | None = None) -> 
     return name
 
 
-def check_loadable(model_spec: Any) -> None:
-    """Refuse, before any trial starts, a model that cannot be found (offline hub, typo)."""
-    name = model_spec.pretrained
-    if name in PRESETS:
-        return
-    path = resolve_pretrained(model_spec)
-    if Path(path).is_dir():
-        return
-    from huggingface_hub import hf_hub_download
+def _hub_error(name: str, e: BaseException) -> ModelError:
     from huggingface_hub.errors import (
         EntryNotFoundError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
+    if isinstance(e, LocalEntryNotFoundError):
+        return ModelError(
+            f"model.pretrained: {name!r} is not cached locally and the Hugging Face hub is "
+            "unreachable (offline?); download it first or point to a directory")
+    if isinstance(e, RepositoryNotFoundError | EntryNotFoundError):
+        return ModelError(f"model.pretrained: {name!r} is not a model on the hub")
+    # network errors come in many types
+    return ModelError(f"model.pretrained: cannot fetch {name!r} from the hub "
+                      f"({type(e).__name__})")
+
+
+def check_loadable(model_spec: Any) -> None:
+    """Refuse, before any trial starts, a model that cannot be found (offline hub, typo):
+    a directory without config.json, or a hub id whose config cannot be had."""
+    name = model_spec.pretrained
+    if name in PRESETS:
+        return
+    path = local_checkpoint(name)
+    if Path(path).is_dir():
+        return
+    from huggingface_hub import hf_hub_download
+
     try:
         hf_hub_download(path, "config.json")
-    except LocalEntryNotFoundError:
-        raise ModelError(
-            f"model.pretrained: {name!r} is not cached locally and the Hugging Face hub is "
-            "unreachable (offline?); download it first or point to a directory"
-        ) from None
-    except (RepositoryNotFoundError, EntryNotFoundError):
-        raise ModelError(f"model.pretrained: {name!r} is not a model on the hub") from None
-    except Exception as e:  # network errors come in many types
-        raise ModelError(
-            f"model.pretrained: cannot fetch {name!r} from the hub ({type(e).__name__})"
-        ) from None
+    except Exception as e:
+        raise _hub_error(name, e) from None
 
 
-def load_pretrained(model_spec: Any, cache_dir: str | Path | None = None) -> tuple[Any, Any]:
-    """(model, processor) through `AutoModel`/`AutoProcessor.from_pretrained`."""
+# What a checkpoint directory needs for `from_pretrained` of model and processor.
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
+
+
+def hub_snapshot(name: str) -> str:
+    """The local snapshot directory of hub model `name` (config, weights in safetensors,
+    tokenizer and processor files), downloaded into the Hugging Face cache if absent."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=list(HUB_PATTERNS))
+    except Exception as e:
+        raise _hub_error(name, e) from None
+
+
+def load_pretrained(path: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, processor) of a checkpoint directory (or hub id) through
+    `AutoModel`/`AutoProcessor.from_pretrained`."""
     from transformers import AutoModel, AutoProcessor
 
-    path = resolve_pretrained(model_spec, cache_dir)
-    trust = bool(model_spec.trust_remote_code)
+    path = str(path)
     try:
-        model = AutoModel.from_pretrained(path, trust_remote_code=trust)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1)" if offline else " (hub unreachable or no such model?)"
-        raise ModelError(f"model.pretrained: cannot load {model_spec.pretrained!r}{hint}: "
+        raise ModelError(f"model.pretrained: cannot load {path!r}{hint}: "
                          f"{str(e).splitlines()[0]}") from None
     if getattr(model, "logit_bias", None) is None and Path(path).is_dir():
         bias = saved_logit_bias(Path(path))

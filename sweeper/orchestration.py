@@ -1,5 +1,8 @@
 """Everything Ray: the Tuner over the grid, the per-trial driver that runs a `TorchTrainer`,
-the resource math, resume, and the Ray-side context given to the worker loop.
+resume, the cluster checks, and the Ray-side context given to the worker loop.
+
+The rest of sweeper never imports Ray; the resource arithmetic is `sweeper.resources`, the
+experiment folder's rules `sweeper.experiment`, and Ray's private APIs `sweeper.ray_compat`.
 
 Ray Train V2 does not take a `TorchTrainer` inside a `Tuner`; the documented pattern is a
 Tune function trainable (the *driver*) that builds a `TorchTrainer` and calls `fit()` with
@@ -17,46 +20,32 @@ lag the trial folders after a killed driver; the driver of each trial checks the
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
-import math
 import os
-import re
-import shutil
 import signal
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sweeper import ray_compat
+from sweeper.experiment import FINISHED, SweepResult, collect, experiment_dir, reset_errored
+from sweeper.grid import grid_axes, trial_id_for
+from sweeper.preflight import cluster_address
+from sweeper.resources import DRIVER_CPU, check_fits, fmt_res, trial_demand, worker_resources
 from sweeper.sink import (
     TrialSink,
     atomic_write_bytes,
     atomic_write_json,
     first_error_line,
-    read_json,
     trial_dir,
 )
-from sweeper.spec import (
-    ScalingSpec,
-    SpecError,
-    SweepSpec,
-    TrialConfig,
-    grid_axes,
-    resolve_trial,
-    spec_fingerprint,
-    trial_configs,
-    trial_id_for,
-)
+from sweeper.spec import ScalingSpec, SpecError, SweepSpec, TrialConfig, resolve_trial
 
 log = logging.getLogger(__name__)
 
-DRIVER_CPU = 0.01
-FINISHED = ("terminated", "diverged")
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 # Start attempts of a worker group that cannot get its resources: the first and one retry.
 START_RETRIES = 1
@@ -71,96 +60,6 @@ WORKER_ENV = {
     # 15-30 %); 0.5 s keeps most of that at a quarter of the polls.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
-# Keys of the spec that say where and how fast trials run, not what they compute: an
-# existing experiment resumes when only these changed.
-RESOURCE_KEYS = (
-    "storage",
-    "loggers",
-    "scaling.resources_per_worker",
-    "scaling.placement_strategy",
-    "scaling.max_concurrent_trials",
-    "scaling.max_failures",
-    "scaling.worker_start_timeout_s",
-)
-LOGGER_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
-
-
-# --------------------------------------------------------------------------- resources
-
-
-def worker_resources(sc: ScalingSpec) -> dict[str, float]:
-    """The Ray resources one training worker reserves.
-
-    `resources_per_worker` as written (zeros dropped); a CPU worker that names no CPU gets
-    `1 - DRIVER_CPU`, so that N one-CPU workers and their driver fit in N CPUs on any node;
-    a GPU worker gets `GPU: 1` unless it names a (possibly fractional) GPU share, and no CPU
-    unless it names one (Ray Train's own default)."""
-    per = {k: float(v) for k, v in (sc.resources_per_worker or {}).items() if v}
-    if sc.use_gpu:
-        per.setdefault("GPU", 1.0)
-    elif "CPU" not in (sc.resources_per_worker or {}):
-        per["CPU"] = 1.0 - DRIVER_CPU
-    return per
-
-
-def _fmt_res(res: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
-
-
-def trial_demand(sc: ScalingSpec) -> str:
-    """What one trial asks for, in words (for messages)."""
-    return (f"{sc.num_workers} x {_fmt_res(worker_resources(sc))} ({sc.placement_strategy})"
-            f" + driver {{CPU: {DRIVER_CPU:g}}}")
-
-
-def _per_node_capacity(per: dict[str, float], node: dict[str, float]) -> int:
-    """How many workers of `per` fit on a node with resources `node`."""
-    caps = [math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in per.items() if v > 0]
-    return min(caps) if caps else 0
-
-
-def trials_at_once(sc: ScalingSpec, nodes: list[dict[str, float]]) -> int:
-    """How many trials of `sc` the nodes (total resources of each) hold at the same time."""
-    per, n = worker_resources(sc), sc.num_workers
-    caps = [_per_node_capacity(per, node) for node in nodes]
-    if sc.placement_strategy == "STRICT_PACK":
-        fit = sum(c // n for c in caps)
-    elif sc.placement_strategy == "STRICT_SPREAD":
-        # t trials need, on n distinct nodes each, one worker per trial.
-        fit = 0
-        while sum(min(c, fit + 1) for c in caps) >= n * (fit + 1) and fit < 10**6:
-            fit += 1
-    else:
-        fit = sum(caps) // n
-    cpu_total = sum(node.get("CPU", 0.0) for node in nodes)
-    cpu_per_trial = per.get("CPU", 0.0) * n + DRIVER_CPU
-    return min(fit, math.floor(cpu_total / cpu_per_trial + 1e-9))
-
-
-def _describe_nodes(nodes: list[dict[str, float]], keys: list[str]) -> str:
-    total = {k: sum(node.get(k, 0.0) for node in nodes) for k in keys}
-    largest = max(nodes, key=lambda node: _per_node_capacity(
-        {k: 1.0 for k in keys}, node)) if nodes else {}
-    where = f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}"
-    if len(nodes) > 1:
-        where += f", largest {_fmt_res({k: largest.get(k, 0.0) for k in keys})}"
-    return f"{_fmt_res(total)} ({where})"
-
-
-def check_fits(spec: SweepSpec, nodes: list[dict[str, float]] | None = None) -> int:
-    """Refuse up front a trial that can never fit the cluster (workers + driver); return
-    how many trials fit at once. `nodes`: total resources of each node (default: the
-    connected cluster's alive nodes)."""
-    if nodes is None:
-        nodes = cluster_nodes()
-    sc = spec.scaling
-    fit = trials_at_once(sc, nodes)
-    if fit < 1:
-        keys = sorted(set(worker_resources(sc)) | {"CPU"})
-        raise SpecError(f"scaling: one trial needs {trial_demand(sc)} but the cluster has "
-                        f"{_describe_nodes(nodes, keys)}; lower scaling.num_workers or "
-                        "scaling.resources_per_worker, or add nodes")
-    return fit
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -168,66 +67,6 @@ def cluster_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
-
-
-def local_nodes() -> list[dict[str, float]]:
-    """The one node a local `ray.init()` would start, without starting it."""
-    import psutil
-    from ray._private.utils import get_num_cpus
-
-    res: dict[str, float] = {"CPU": float(get_num_cpus()),
-                             "memory": float(psutil.virtual_memory().total)}
-    try:
-        from ray._private.accelerators import get_accelerator_manager_for_resource
-
-        n_gpu = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            n_gpu = min(n_gpu, len([d for d in visible.split(",") if d.strip()]))
-        if n_gpu:
-            res["GPU"] = float(n_gpu)
-    except Exception:  # no detector: the check after ray.init() still runs
-        pass
-    return [res]
-
-
-def cluster_address(address: str | None) -> str | None:
-    """The cluster to join (`--address`, else RAY_ADDRESS), or None for a local Ray."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    return None if address == "local" else address
-
-
-# --------------------------------------------------------------------------- preflight
-
-
-def storage_path(storage: str) -> Path:
-    """`storage` as a local (possibly shared) path; refuse object-store URIs."""
-    if storage.startswith("file://"):
-        storage = storage[len("file://"):]
-    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", storage):
-        scheme = storage.split("://", 1)[0]
-        raise SpecError(
-            f"storage: {storage!r}: {scheme}:// URIs are not supported, because every trial "
-            "appends its history to files in place; mount the bucket or a shared filesystem "
-            "(NFS, Lustre, a FUSE mount) at the same path on every node and give that path")
-    return Path(storage).expanduser().resolve()
-
-
-def preflight(spec: SweepSpec, address: str | None = None) -> None:
-    """Checks of the spec against this environment that need no data, no model and no
-    Ray: storage, the loggers' packages, resources (the spec's own consistency, resource
-    values included, is checked by `sweeper.spec.validate`).
-
-    A local run (no `--address`, no RAY_ADDRESS) is checked against this machine's CPUs
-    and GPUs here; a cluster run again after joining. Raises SpecError (one line)."""
-    storage_path(spec.storage)
-    for i, name in enumerate(spec.loggers):
-        pkg = LOGGER_PACKAGES.get(name)
-        if pkg and importlib.util.find_spec(pkg) is None:
-            raise SpecError(f"loggers[{i}]: {name} needs the {pkg!r} package, which is not "
-                            f"installed (pip install {pkg}), or remove it from loggers")
-    if cluster_address(address) is None:
-        check_fits(spec, local_nodes())
 
 
 # --------------------------------------------------------------------------- worker side
@@ -330,9 +169,9 @@ def describe_failure(e: BaseException, sc: ScalingSpec) -> str:
         try:
             import ray
 
-            free = _fmt_res({k: v for k, v in ray.available_resources().items()
+            free = fmt_res({k: v for k, v in ray.available_resources().items()
                              if k in worker_resources(sc) or k == "CPU"})
-            total = _fmt_res({k: v for k, v in ray.cluster_resources().items()
+            total = fmt_res({k: v for k, v in ray.cluster_resources().items()
                               if k in worker_resources(sc) or k == "CPU"})
         except Exception:
             free = total = "?"
@@ -354,8 +193,9 @@ def describe_failure(e: BaseException, sc: ScalingSpec) -> str:
 
 
 def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
-                 cache_dir: str | None) -> None:
-    """One Tune trial: resolve its config, run its TorchTrainer, record how it ended."""
+                 cache_dir: str | None, model_paths: dict[str, str]) -> None:
+    """One Tune trial: resolve its config (its model resolved before the sweep, in
+    `model_paths`), run its TorchTrainer, record how it ended."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
@@ -363,7 +203,7 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
 
     spec = SweepSpec.model_validate_json(spec_json)
     point = {k: config[k] for k in grid_axes(spec)}
-    cfg = resolve_trial(spec, point)
+    cfg = resolve_trial(spec, point, model_paths)
     tdir = trial_dir(experiment_dir, cfg.trial_id)
     sink = TrialSink(tdir)
     previous = sink.status()
@@ -376,7 +216,7 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
         raise TrialFailed(f"errored in an earlier run ({previous.get('error')}); "
                           "rerun with --retry-errored to train it again")
     sink.write_config(cfg.model_dump(mode="json"))
-    session = _tune_session()
+    session = ray_compat.tune_session()
     sc = cfg.scaling
     # Bounded start: Ray Train would otherwise wait for workers forever.
     os.environ[START_TIMEOUT_ENV] = f"{sc.worker_start_timeout_s:g}"
@@ -420,152 +260,19 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
         raise TrialFailed(reason) from e
 
 
-def _tune_session() -> Any:
-    """This trial's Tune function session (None outside Tune)."""
-    try:
-        from ray.train._internal.session import get_session
-
-        return get_session()
-    except Exception:
-        return None
-
-
 def _tune_is_stopping(session: Any) -> bool:
     """Whether Tune has asked the trial of `session` to stop: Trainable.stop() sets the
     session's stop event, then shuts the session down (so it is captured up front)."""
     if session is None:
         return False
     event = getattr(session, "stop_event", None)
-    return bool(event is not None and event.is_set()) or _tune_session() is not session
-
-
-# --------------------------------------------------------------------------- experiment
-
-
-@dataclass
-class SweepResult:
-    """How a sweep ended, for the CLI's exit status and summary."""
-
-    experiment_dir: Path
-    statuses: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    stopped_early: list[str] = field(default_factory=list)
-    report_paths: dict[str, Path] = field(default_factory=dict)
-    interrupted: bool = False
-    signal_number: int = signal.SIGINT  # which signal interrupted the sweep
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        """0 every trial terminated or diverged, 1 some did not, 128 + the signal when
-        interrupted (130 Ctrl-C, 143 SIGTERM)."""
-        if self.interrupted:
-            return 128 + int(self.signal_number)
-        return 1 if self.errors else 0
-
-
-def experiment_dir(spec: SweepSpec) -> Path:
-    """`<storage>/<name>`, absolute (Tune needs absolute storage paths)."""
-    return storage_path(spec.storage) / spec.name
-
-
-def _spec_doc(spec: SweepSpec | dict[str, Any]) -> dict[str, Any]:
-    doc = spec.model_dump(mode="json") if isinstance(spec, SweepSpec) else json.loads(
-        json.dumps(spec))
-    for key in RESOURCE_KEYS:
-        node, *rest = key.split(".")
-        if rest:
-            doc.get(node, {}).pop(rest[0], None)
-        else:
-            doc.pop(node, None)
-    doc.pop("name", None)
-    return doc
-
-
-def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new), key=str):
-            d = _first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
-            if d:
-                return d
-        return None
-    if old != new:
-        return f"{path or '<root>'}: {json.dumps(old)[:60]} -> {json.dumps(new)[:60]}"
-    return None
-
-
-def spec_change(old_sweep: dict[str, Any], spec: SweepSpec) -> str | None:
-    """None when `spec` computes the same trials as the experiment of `old_sweep`
-    (sweep.json), else the first differing key path (`train.lr: 0.001 -> 0.0003`).
-    Resource keys (RESOURCE_KEYS) may change: they say where trials run, not what they do."""
-    if old_sweep.get("fingerprint") == spec_fingerprint(spec):
-        return None
-    old_spec = old_sweep.get("spec")
-    if not isinstance(old_spec, dict):
-        return "fingerprint differs"
-    try:  # keys added to the spec since, at their defaults, are no change
-        old_doc = _spec_doc(SweepSpec.model_validate(old_spec))
-    except Exception:
-        old_doc = _spec_doc(old_spec)
-    return _first_difference(old_doc, _spec_doc(spec))
-
-
-def prepare_experiment(spec: SweepSpec, spec_text: str | None, new: bool,
-                       resume: bool = False) -> SweepSpec:
-    """Create or reopen the experiment folder, refusing a changed spec unless `new`.
-
-    With `new`, an existing experiment of another spec keeps its folder and the new one
-    gets a suffixed name (`name-2`, `name-3`, ...). With `resume`, the experiment must exist.
-    Changes to resource keys only (RESOURCE_KEYS) reopen the experiment as it is."""
-    base = spec.name
-    k = 1
-    while True:
-        exp = experiment_dir(spec)
-        old = read_json(exp / "sweep.json")
-        change = spec_change(old, spec) if isinstance(old, dict) else None
-        if old is None or change is None:
-            break
-        if not new:
-            raise SpecError(
-                f"name: experiment {exp} exists with a different spec ({change}); pass --new "
-                "to start another beside it, or another --name")
-        k += 1
-        spec = spec.model_copy(update={"name": f"{base}-{k}"})
-    if resume and old is None:
-        raise SpecError(f"name: no experiment {exp} to resume (drop --resume to start it)")
-    trials = trial_configs(spec)
-    ids = [t.trial_id for t in trials]
-    if len(set(ids)) != len(ids):
-        raise SpecError("grid: two grid points map to the same trial name")
-    exp.mkdir(parents=True, exist_ok=True)
-    if old is None:
-        atomic_write_json(exp / "sweep.json", {
-            "name": spec.name,
-            "fingerprint": spec_fingerprint(spec),
-            "spec": spec.model_dump(mode="json"),
-            "axes": grid_axes(spec),
-            "trials": [{"trial_id": t.trial_id, "axes": t.axes,
-                        "config": t.model_dump(mode="json")} for t in trials],
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
-        if spec_text is not None:
-            atomic_write_bytes(exp / "spec.yaml", spec_text.encode())
-    return spec
+    return bool(event is not None and event.is_set()) or ray_compat.tune_session() is not session
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _token_auth() -> bool:
-    try:
-        from ray._raylet import AuthenticationMode, get_authentication_mode
-
-        return get_authentication_mode() == AuthenticationMode.TOKEN
-    except Exception:
-        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
 def init_ray(address: str | None, dashboard_host: str = "127.0.0.1") -> dict[str, Any]:
@@ -585,13 +292,11 @@ def init_ray(address: str | None, dashboard_host: str = "127.0.0.1") -> dict[str
     if ray.is_initialized():
         return {"dashboard_url": None, "local": False}
     if address:
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-
         import sweeper
 
         try:
             if "://" not in address:
-                address = canonicalize_bootstrap_address_or_die(address)
+                address = ray_compat.canonical_address(address)
                 env_vars["RAY_ADDRESS"] = address
             # Ship this package to every node, so that all of them run the same sweeper
             # code (its dependencies must be installed there).
@@ -632,7 +337,7 @@ def dashboard_banner(info: dict[str, Any], dashboard_host: str) -> str:
                 "--include-dashboard=true): Train runs are not listed, and the placement "
                 "groups of trials stopped early may leak (ray-project/ray#54305)")
     lines = [f"Ray dashboard: {url}"]
-    if _token_auth():
+    if ray_compat.token_auth_enabled():
         lines.append("  It asks for the cluster's access token: `ray get-auth-token` prints "
                      "it (stored in ~/.ray/auth_token); API clients send "
                      "'Authorization: Bearer <token>'.")
@@ -713,7 +418,8 @@ def _tune_error(trial: Any) -> str:
     return _one_line(first_error_line(text) or "the trial's Tune actor failed")
 
 
-def build_caches(spec: SweepSpec, exp: Path, cache_dir: str | None) -> None:
+def build_caches(spec: SweepSpec, exp: Path, cache_dir: str | None,
+                 model_paths: dict[str, str]) -> None:
     """Build, before any trial starts, the shared stores the trials read (`sweeper.cache`:
     frozen-tower image features, decode-once images), one Ray task per set of stores (a GPU
     each when the trials use GPUs). Stores already built start no task. A failed build is
@@ -723,7 +429,7 @@ def build_caches(spec: SweepSpec, exp: Path, cache_dir: str | None) -> None:
     from sweeper import cache as C
 
     try:
-        jobs = C.cache_jobs(spec, exp.parent, cache_dir)
+        jobs = C.cache_jobs(spec, exp.parent, model_paths, cache_dir)
         if not jobs:
             return
         print(f"Building {len(jobs)} shared cache(s) before the trials ...", flush=True)
@@ -739,19 +445,27 @@ def build_caches(spec: SweepSpec, exp: Path, cache_dir: str | None) -> None:
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = True,
               retry_errored: bool = False, cache_dir: str | None = None,
-              dashboard_host: str = "127.0.0.1", verbose: int = 1) -> SweepResult:
-    """Run (or continue) every trial of the spec with Ray Tune; write the report.
+              dashboard_host: str = "127.0.0.1", verbose: int = 1,
+              model_paths: dict[str, str] | None = None) -> SweepResult:
+    """Run (or continue) every trial of the spec with Ray Tune. `model_paths`: the
+    checkpoint directory of each model (`sweeper.prepare.prepare_inputs`, which runs here
+    when not given).
 
     Raises SpecError when the cluster can never hold one trial (nothing ran)."""
     import ray
     from ray import tune
+
+    from sweeper.prepare import prepare_inputs
+
+    if model_paths is None:
+        model_paths = prepare_inputs(spec, cache_dir, announce=False)
 
     exp = experiment_dir(spec)
     result = SweepResult(exp)
     info = init_ray(address, dashboard_host)
     try:
         print(dashboard_banner(info, dashboard_host), flush=True)
-        fit = check_fits(spec)
+        fit = check_fits(spec, cluster_nodes())
         if not info.get("local"):
             check_shared_storage(exp)
     except BaseException:
@@ -769,14 +483,12 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if retry_errored:
-            for t in trial_configs(spec):
-                s = TrialSink(trial_dir(exp, t.trial_id))
-                if s.status().get("status") == "errored":
-                    s.update_status(status="pending", error=None, error_detail=None)
-        build_caches(spec, exp, cache_dir)
+            reset_errored(spec, exp)
+        build_caches(spec, exp, cache_dir, model_paths)
         trainable = tune.with_resources(
             tune.with_parameters(trial_driver, spec_json=spec.model_dump_json(),
-                                 experiment_dir=str(exp), cache_dir=cache_dir),
+                                 experiment_dir=str(exp), cache_dir=cache_dir,
+                                 model_paths=model_paths),
             {"cpu": DRIVER_CPU},
         )
         axes = grid_axes(spec)
@@ -799,10 +511,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
                                        restart_errored=retry_errored)
             # This run's concurrency, scheduler and callbacks, not the first run's (Ray 2.60
             # keeps them on the restored TunerInternal).
-            inner = tuner._local_tuner
-            inner._tune_config = tune_config
-            inner._run_config.callbacks = callbacks
-            inner._run_config.verbose = verbose
+            ray_compat.set_restored_tuner_config(tuner, tune_config, callbacks, verbose)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -820,8 +529,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         try:
-            _collect(spec, result)
-            _write_report(result)
+            collect(spec, result)
         finally:
             if info.get("local") and ray.is_initialized():
                 ray.shutdown()
@@ -862,27 +570,6 @@ def _scheduler(spec: SweepSpec) -> Any:
     return None
 
 
-def _write_report(result: SweepResult) -> None:
-    try:
-        from analysis.report import write_report
-
-        result.report_paths = write_report(result.experiment_dir)
-    except Exception as e:  # the sweep's results stay on disk; say why no report
-        log.error("report failed: %s", e)
-
-
-def _collect(spec: SweepSpec, result: SweepResult) -> None:
-    for t in trial_configs(spec):
-        st = TrialSink(trial_dir(result.experiment_dir, t.trial_id)).status()
-        status = st.get("status") or "pending"
-        result.statuses[t.trial_id] = status
-        if status == "errored":
-            result.errors[t.trial_id] = str(st.get("error") or "").splitlines()[0][:300] \
-                if st.get("error") else "errored"
-        elif status not in FINISHED and not result.interrupted:
-            result.errors[t.trial_id] = f"did not finish (status {status})"
-
-
 def _logger_callbacks(spec: SweepSpec, exp: Path) -> list[Any]:
     out: list[Any] = []
     for name in spec.loggers:
@@ -918,8 +605,3 @@ def _logger_callbacks(spec: SweepSpec, exp: Path) -> list[Any]:
             out.append(WandbLoggerCallback(project=spec.name,
                                            **({"mode": "offline"} if offline else {})))
     return out
-
-
-def remove_experiment(exp: Path) -> None:
-    """Delete an experiment folder (used by tests and `--new` clean-ups)."""
-    shutil.rmtree(exp, ignore_errors=True)

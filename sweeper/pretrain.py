@@ -28,6 +28,7 @@ from sweeper import data as D
 from sweeper import synthetic
 from sweeper.models import DualEncoder, build_tiny, build_tiny_clip
 from sweeper.sink import atomic_write_json
+from sweeper.training import loss_fn_for, lr_lambda, train_step
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path,
                   arch: str = "siglip") -> dict[str, float]:
     """Build and pretrain the tiny SigLIP (sigmoid loss) or CLIP (softmax loss) on every
     synthetic class; save it to `out_dir`."""
-    from sweeper.worker import lr_lambda, train_step
-
     t0 = time.time()
     n_classes = len(synthetic.COLOURS) * len(synthetic.SHAPES)
     root = synthetic.generate(
@@ -110,13 +109,8 @@ def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path,
     n_steps = tiny.pretrain_epochs * len(sampler)
     warm = type("W", (), {"warmup_steps": min(50, n_steps // 10), "schedule": "cosine"})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warm, n_steps))
-    from sweeper.losses import sigmoid_loss, softmax_loss
-
-    def loss_fn(img, txt, scale, bias, labels):
-        # Same-class texts are frequent here (templates); treat them as positives.
-        if loss == "softmax":
-            return softmax_loss(img, txt, scale, pair_targets="positive", labels=labels)
-        return sigmoid_loss(img, txt, scale, bias, pair_targets="positive", labels=labels)
+    # Same-class texts are frequent here (templates); treat them as positives.
+    loss_fn = loss_fn_for(loss, pair_targets="positive")
 
     last = float("nan")
     for epoch in range(tiny.pretrain_epochs):

@@ -57,35 +57,16 @@ def dry_run_table(spec: SweepSpec) -> str:
     return "\n".join(out)
 
 
-def prepare_inputs(spec: SweepSpec, cache_dir: str | None) -> None:
-    """Build or check the model and data every trial needs, before any trial launches:
-    pretrain the tiny preset, generate synthetic data, scan real data, probe the hub."""
-    from sweeper import data as D
-    from sweeper.models import PRESETS, check_loadable, resolve_pretrained
+def write_report(experiment_dir: Path) -> dict[str, Path]:
+    """The experiment's Parquet files, report.md and plots (`analysis.report`); a failure
+    is logged, never fatal: the trials' results stay on disk."""
+    try:
+        from analysis.report import write_report as write
 
-    cache = Path(cache_dir) if cache_dir else None
-    models = {spec.model.model_copy(update=v.model) if v.model else spec.model
-              for v in spec.variants.values()}
-    for m in models:
-        check_loadable(m)
-        if m.pretrained in PRESETS:
-            # Pretrained once here, not by several trials racing for the same cache entry.
-            print(f"Preparing the {m.pretrained} pretrained model (cached after the first "
-                  "run) ...", flush=True)
-            resolve_pretrained(m, cache)
-    if spec.data.synthetic is not None:
-        from sweeper.synthetic import dataset_dir
-
-        s = spec.data.synthetic
-        dataset_dir(s.n_classes, s.train_per_class, s.val_per_class, s.image_size, s.seed, cache)
-    else:
-        # Folder or Parquet layout, class names, captions and class lists: refused here,
-        # naming the path or key, before any trial launches.
-        train, _ = D.check_dataset(spec.data, spec.grid.n_train_classes, spec.grid.text_source)
-        for i, k in enumerate(spec.grid.n_train_classes):
-            if k > len(train.wnids):
-                raise SpecError(f"grid.n_train_classes[{i}]: {k} exceeds the dataset's "
-                                f"{len(train.wnids)} classes")
+        return write(experiment_dir)
+    except Exception as e:
+        logging.getLogger("sweeper").error("report failed: %s", e)
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,29 +91,37 @@ def _main(argv: list[str] | None) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(dry_run_table(spec))
-        return 0
     from sweeper import data as D
     from sweeper.models import ModelError
-    from sweeper.orchestration import preflight, prepare_experiment, run_sweep
+    from sweeper.preflight import preflight
 
     try:
-        # Storage, loggers and (for a local run) resources first: no model or data work
-        # for a sweep that cannot run.
-        preflight(spec, args.address)
-        prepare_inputs(spec, args.cache_dir)
-        spec = prepare_experiment(spec, Path(args.spec).read_text(encoding="utf-8"), args.new,
-                                  resume=args.resume)
+        # The same checks for a dry run and a run: what one refuses, so does the other.
+        spec = preflight(spec, args.address, new=args.new, resume=args.resume)
     except (SpecError, D.DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(dry_run_table(spec))
+        return 0
+    from sweeper.experiment import create_experiment
+    from sweeper.orchestration import run_sweep
+    from sweeper.prepare import prepare_inputs
+
+    try:
+        model_paths = prepare_inputs(spec, args.cache_dir)
+    except (SpecError, D.DataError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    create_experiment(spec, Path(args.spec).read_text(encoding="utf-8"))
     try:
         result = run_sweep(spec, address=args.address, retry_errored=args.retry_errored,
-                           cache_dir=args.cache_dir, dashboard_host=args.dashboard_host)
+                           cache_dir=args.cache_dir, dashboard_host=args.dashboard_host,
+                           model_paths=model_paths)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    result.report_paths = write_report(result.experiment_dir)
     counts: dict[str, int] = {}
     for s in result.statuses.values():
         counts[s] = counts.get(s, 0) + 1

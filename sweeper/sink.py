@@ -47,9 +47,6 @@ HISTORY_KEYS = (
     "skipped_images",
 )
 
-STATUSES = ("pending", "running", "terminated", "diverged", "errored")
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never half."""
     path = Path(path)

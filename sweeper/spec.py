@@ -13,18 +13,44 @@ order Ray Tune's `grid_search` produces them.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sweeper.grid import grid_axes, grid_points, trial_id_for
 
 TextSource = Literal["templates", "captions", "mixed"]
 LossName = Literal["sigmoid", "softmax"]
+# Bounds that keep every answer of the CLI (a dry run, a refusal) to a few seconds.
+MAX_TRIALS = 10_000
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_VALUES = 100_000  # scalars and containers after YAML aliases are expanded
+MAX_SPEC_DEPTH = 32
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def _not_bool(v: Any) -> Any:
+    # YAML `yes`/`true` is a boolean, which Python (and pydantic's lax mode) would take as 1.
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got the boolean {str(v).lower()}")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
 
 
 class SpecError(ValueError):
@@ -37,21 +63,32 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # allow_inf_nan: `.inf` and `.nan` are YAML floats, and no key of ours means them.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
 class TinyModelSpec(_Strict):
     """Shape of the offline `tiny` preset (a small SigLIP pretrained on synthetic data)."""
 
-    hidden_size: int = Field(64, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    patch_size: int = Field(8, ge=1)
-    image_size: int = Field(32, ge=8)
-    max_length: int = Field(16, ge=4)
-    pretrain_epochs: int = Field(15, ge=0)
-    pretrain_per_class: int = Field(40, ge=1)
-    seed: int = 0
+    hidden_size: Int = Field(64, ge=8, le=1024)
+    num_layers: Int = Field(2, ge=1, le=24)
+    num_heads: Int = Field(4, ge=1, le=64)
+    patch_size: Int = Field(8, ge=1, le=64)
+    image_size: Int = Field(32, ge=8, le=512)
+    max_length: Int = Field(16, ge=4, le=512)
+    pretrain_epochs: Int = Field(15, ge=0, le=1000)
+    pretrain_per_class: Int = Field(40, ge=1, le=10_000)
+    seed: Int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by "
+                             f"num_heads {self.num_heads}")
+        if self.patch_size > self.image_size:
+            raise ValueError(f"patch_size {self.patch_size} exceeds image_size "
+                             f"{self.image_size}")
+        return self
 
 
 class ModelSpec(_Strict):
@@ -60,15 +97,15 @@ class ModelSpec(_Strict):
     pretrained: str = Field("tiny", min_length=1)
     trust_remote_code: bool = False
     tiny: TinyModelSpec = TinyModelSpec()
-    max_length: int | None = Field(None, ge=1)  # text padding length; default: model's own
+    max_length: Int | None = Field(None, ge=1)  # text padding length; default: model's own
 
 
 class BudgetSpec(_Strict):
     """Exactly one of epochs, steps or samples."""
 
-    epochs: int | None = Field(None, ge=1)
-    steps: int | None = Field(None, ge=1)
-    samples: int | None = Field(None, ge=1)
+    epochs: Int | None = Field(None, ge=1)
+    steps: Int | None = Field(None, ge=1)
+    samples: Int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BudgetSpec:
@@ -81,21 +118,21 @@ class BudgetSpec(_Strict):
 class TrainSpec(_Strict):
     """Optimisation of one trial."""
 
-    epochs: int | None = Field(None, ge=1)  # shorthand for budget: {epochs: N}
+    epochs: Int | None = Field(None, ge=1)  # shorthand for budget: {epochs: N}
     budget: BudgetSpec | None = None
-    lr: float = Field(1e-4, gt=0)
-    lr_text: float | None = Field(None, gt=0)
-    lr_vision: float | None = Field(None, gt=0)
-    lr_logit: float | None = Field(None, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    lr: Float = Field(1e-4, gt=0)
+    lr_text: Float | None = Field(None, gt=0)
+    lr_vision: Float | None = Field(None, gt=0)
+    lr_logit: Float | None = Field(None, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    warmup_steps: Int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
-    max_grad_norm: float | None = Field(None, gt=0)
+    max_grad_norm: Float | None = Field(None, gt=0)
     # bf16: autocast (on the CPU too); auto: bf16 on a CUDA device that supports it, else fp32
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     same_class_pairs: Literal["negative", "positive", "ignore"] = "negative"
     save_final: bool = False
-    log_every_steps: int = Field(50, ge=1)
+    log_every_steps: Int = Field(50, ge=1)
     compile: bool = False
 
     @model_validator(mode="after")
@@ -114,22 +151,22 @@ class TrainSpec(_Strict):
 class EvalSpec(_Strict):
     """When and how the zero-shot evaluation runs."""
 
-    every_steps: int | None = Field(None, ge=1)  # default: every epoch
-    batch_size: int = Field(256, ge=1)
+    every_steps: Int | None = Field(None, ge=1)  # default: every epoch
+    batch_size: Int = Field(256, ge=1)
 
 
 class CheckpointSpec(_Strict):
-    keep: int = Field(1, ge=1)
+    keep: Int = Field(1, ge=1)
 
 
 class SyntheticSpec(_Strict):
     """Generated ImageNet-style dataset (shape x colour classes, captions with distractors)."""
 
-    n_classes: int = Field(20, ge=2, le=64)
-    train_per_class: int = Field(40, ge=1)
-    val_per_class: int = Field(20, ge=1)
-    image_size: int = Field(32, ge=8)
-    seed: int = 0
+    n_classes: Int = Field(20, ge=2, le=64)
+    train_per_class: Int = Field(40, ge=1, le=100_000)
+    val_per_class: Int = Field(20, ge=1, le=100_000)
+    image_size: Int = Field(32, ge=8, le=1024)
+    seed: Int = 0
 
 
 class DataSpec(_Strict):
@@ -145,7 +182,7 @@ class DataSpec(_Strict):
     class_order: Literal["random", "sorted"] = "random"
     train_classes: list[str] | None = None  # explicit class subset (wnids); overrides the draw
     eval_classes: list[str] | None = None
-    num_workers: int = Field(0, ge=0)
+    num_workers: Int = Field(0, ge=0, le=64)
     cache_images: bool = False  # decode images once to uint8 at the model's resolution
     cache_dir: str | None = None  # where the caches live (default: <storage>/.cache)
     # A frozen vision tower's image embeddings computed once, shared by every trial
@@ -163,6 +200,12 @@ class DataSpec(_Strict):
         for i, t in enumerate(v or []):
             if "{}" not in t:
                 raise ValueError(f"template [{i}] {t!r} has no '{{}}' slot for the class name")
+            try:  # what every trial does with it; other braces must be doubled ({{ }})
+                t.format("x")
+            except (IndexError, KeyError, ValueError) as e:
+                raise ValueError(f"template [{i}] {t!r} cannot be filled with a class name "
+                                 f"({type(e).__name__}: {e}); write literal braces as "
+                                 "{{ and }}") from None
         return v
 
     @model_validator(mode="after")
@@ -188,9 +231,9 @@ class GridSpec(BaseModel):
 
     variant: list[str] = Field(min_length=1)
     text_source: list[TextSource] = Field(default_factory=lambda: ["templates"], min_length=1)
-    batch_size: list[int] = Field(min_length=1)
-    n_train_classes: list[int] = Field(min_length=1)
-    seed: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    batch_size: list[Int] = Field(min_length=1)
+    n_train_classes: list[Int] = Field(min_length=1)
+    seed: list[Int] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("batch_size", "n_train_classes")
     @classmethod
@@ -204,14 +247,14 @@ class GridSpec(BaseModel):
 class ScalingSpec(_Strict):
     """Resources of every trial (Ray Train ScalingConfig) and Tune's concurrency."""
 
-    num_workers: int = Field(1, ge=1)
+    num_workers: Int = Field(1, ge=1)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = None
+    resources_per_worker: dict[str, Float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_concurrent_trials: int = Field(1, ge=1)
-    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint
+    max_concurrent_trials: Int = Field(1, ge=1)
+    max_failures: Int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint
     # A trial whose workers cannot be placed fails after two waits this long (no hang).
-    worker_start_timeout_s: float = Field(120.0, gt=0)
+    worker_start_timeout_s: Float = Field(120.0, gt=0)
 
 
 class TuneSpec(_Strict):
@@ -219,15 +262,15 @@ class TuneSpec(_Strict):
     the same number of reports (Tune's training_iteration: one per evaluation)."""
 
     scheduler: Literal["fifo", "asha"] = "fifo"
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
-    max_t: int = Field(100, ge=1)  # asha: a trial is stopped after this many reports
+    grace_period: Int = Field(1, ge=1)
+    reduction_factor: Float = Field(2.0, gt=1)
+    max_t: Int = Field(100, ge=1)  # asha: a trial is stopped after this many reports
 
 
 class SweepSpec(_Strict):
     """The whole search space, as written in the YAML file."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME, max_length=100)
     storage: str = "./results"
     model: ModelSpec = ModelSpec()
     variants: dict[str, VariantSpec] = Field(min_length=1)
@@ -242,6 +285,16 @@ class SweepSpec(_Strict):
         default_factory=list
     )
 
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, v: dict[str, VariantSpec]) -> dict[str, VariantSpec]:
+        # A variant's name starts every trial's folder name: no path separators.
+        for name in v:
+            if not re.fullmatch(NAME, name) or len(name) > 60:
+                raise ValueError(f"variant name {name[:60]!r} must be letters, digits, '_', "
+                                 "'.', '-' (starting with a letter or digit, at most 60)")
+        return v
+
 
 class TrialConfig(_Strict):
     """Everything one trial needs, resolved: the spec with its variant and axes applied."""
@@ -252,10 +305,13 @@ class TrialConfig(_Strict):
     loss: LossName
     freeze_vision: bool
     text_source: TextSource
-    batch_size: int
-    n_train_classes: int
-    seed: int
+    batch_size: Int
+    n_train_classes: Int
+    seed: Int
     axes: dict[str, Any]  # the grid point, as the user wrote its axes
+    # The local checkpoint directory `model.pretrained` was resolved to before the sweep
+    # (sweeper.prepare); None in a config that was never prepared.
+    model_path: str | None = None
     model: ModelSpec
     data: DataSpec
     train: TrainSpec
@@ -263,9 +319,6 @@ class TrialConfig(_Strict):
     checkpoint: CheckpointSpec
     scaling: ScalingSpec
 
-    @property
-    def per_worker_batch_size(self) -> int:
-        return self.batch_size // self.scaling.num_workers
 
 
 # --------------------------------------------------------------------------- errors
@@ -321,10 +374,36 @@ def _apply_override(doc: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _check_size(doc: Any, source: str) -> None:
+    """Refuse a document that expands (YAML aliases repeat a node without copying it) to
+    more than MAX_SPEC_VALUES values or nests deeper than MAX_SPEC_DEPTH: validating it
+    would take minutes, or never end."""
+    stack, n = [(doc, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        n += 1
+        if n > MAX_SPEC_VALUES:
+            raise SpecError(f"{source}: the search space expands to more than "
+                            f"{MAX_SPEC_VALUES} values (YAML aliases?)")
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"{source}: the search space nests deeper than {MAX_SPEC_DEPTH} "
+                            "levels")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for kv in node.items() for v in kv)
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
-    """Parse YAML with the safe loader only; refuse anything but a mapping at the top."""
+    """Parse YAML with the safe loader only; refuse anything but a mapping at the top, and
+    documents too large to validate quickly."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"{source}: {len(text)} characters; a search space is at most "
+                        f"{MAX_SPEC_BYTES}")
     try:
         doc = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(f"{source}: the search space nests too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -332,6 +411,7 @@ def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
         raise SpecError(f"{source}:{where}: invalid YAML: {problem}") from None
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: the search space must be a YAML mapping")
+    _check_size(doc, source)
     return doc
 
 
@@ -345,6 +425,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
     doc = parse_yaml(text, str(p))
     for item in overrides or []:
         _apply_override(doc, *_parse_override(item))
+    _check_size(doc, str(p))
     return validate(doc, base_dir=p.parent)
 
 
@@ -426,6 +507,29 @@ def _check_cross_fields(spec: SweepSpec) -> None:
         _check_extra_axis(spec, key, values)
     _check_feature_cache(spec)
     _check_scaling(spec)
+    _check_grid_points(spec)
+
+
+def _check_grid_points(spec: SweepSpec) -> None:
+    """At most MAX_TRIALS trials (counted before the grid is expanded), and no two grid
+    points of the same trial name (the name is the trial's folder and Tune's trial)."""
+    axes = grid_axes(spec)
+    n = math.prod(len(v) for v in axes.values())
+    if n > MAX_TRIALS:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in axes.items() if len(v) > 1)
+        raise SpecError(f"grid: {n} trials ({sizes}) exceed the limit of {MAX_TRIALS}; "
+                        "split the study into several sweeps")
+    seen: dict[str, dict[str, Any]] = {}
+    for point in grid_points(spec):
+        tid = trial_id_for(point)
+        if tid in seen:
+            a, b = seen[tid], point
+            diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+            what = ", ".join(f"{k}: {x!r} and {y!r}" for k, (x, y) in diff.items()) \
+                or "the same values twice"
+            raise SpecError(f"grid: two grid points are both trial {tid!r} ({what}); "
+                            "make the axis values distinct")
+        seen[tid] = point
 
 
 def _check_scaling(spec: SweepSpec) -> None:
@@ -503,54 +607,10 @@ def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:
 # --------------------------------------------------------------------------- grid
 
 
-def grid_axes(spec: SweepSpec) -> dict[str, list[Any]]:
-    """The grid's axes in a fixed order: the named ones, then dotted extras as written."""
-    g = spec.grid
-    axes: dict[str, list[Any]] = {
-        "variant": list(g.variant),
-        "text_source": list(g.text_source),
-        "batch_size": list(g.batch_size),
-        "n_train_classes": list(g.n_train_classes),
-        "seed": list(g.seed),
-    }
-    axes.update({k: list(v) for k, v in (g.model_extra or {}).items()})
-    return axes
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    return re.sub(r"[^A-Za-z0-9.+-]", "_", str(v))
-
-
-def trial_id_for(point: dict[str, Any]) -> str:
-    """Deterministic, readable trial name derived from the grid point."""
-    short = {"batch_size": "bs", "n_train_classes": "k", "seed": "s"}
-    parts = [str(point["variant"]), str(point["text_source"])]
-    parts += [f"{short[k]}{point[k]}" for k in ("batch_size", "n_train_classes", "seed")]
-    extras = {k: v for k, v in point.items() if "." in k}
-    for k, v in extras.items():
-        parts.append(f"{k.split('.')[-1]}{_fmt(v)}")
-    name = "-".join(parts)
-    if len(name) > 120:  # keep directory names sane; the hash keeps them unique
-        digest = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:10]
-        name = name[:100] + "-" + digest
-    return name
-
-
-def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Cartesian product of the axes, in Tune's grid_search order."""
-    axes = grid_axes(spec)
-    # Tune resolves grid axes in sorted key order, the first varying fastest; mirror it so
-    # the dry-run table lists trials in the order the sweep runs them.
-    keys = sorted(axes)
-    combos = itertools.product(*(axes[k] for k in reversed(keys)))
-    points = [dict(zip(reversed(keys), c, strict=True)) for c in combos]
-    return [{k: p[k] for k in axes} for p in points]
-
-
-def resolve_trial(spec: SweepSpec, point: dict[str, Any]) -> TrialConfig:
-    """Apply a grid point (variant overrides, then dotted axes) to the spec."""
+def resolve_trial(spec: SweepSpec, point: dict[str, Any],
+                  model_paths: dict[str, str] | None = None) -> TrialConfig:
+    """Apply a grid point (variant overrides, then dotted axes) to the spec; `model_paths`
+    ({model spec JSON: checkpoint directory}, from `sweeper.prepare`) gives `model_path`."""
     var = spec.variants[point["variant"]]
     model = spec.model.model_validate({**spec.model.model_dump(exclude_unset=True), **var.model})
     train = spec.train.model_validate({**spec.train.model_dump(exclude_unset=True), **var.train})
@@ -564,6 +624,7 @@ def resolve_trial(spec: SweepSpec, point: dict[str, Any]) -> TrialConfig:
     for key, value in point.items():
         if "." in key:
             _apply_override(sections, key.split("."), value)
+    model = ModelSpec.model_validate(sections["model"])
     return TrialConfig(
         trial_id=trial_id_for(point),
         experiment=spec.name,
@@ -575,7 +636,8 @@ def resolve_trial(spec: SweepSpec, point: dict[str, Any]) -> TrialConfig:
         n_train_classes=int(point["n_train_classes"]),
         seed=int(point["seed"]),
         axes=dict(point),
-        model=ModelSpec.model_validate(sections["model"]),
+        model=model,
+        model_path=(model_paths or {}).get(model_key(model)),
         data=DataSpec.model_validate(sections["data"]),
         train=TrainSpec.model_validate(sections["train"]),
         eval=EvalSpec.model_validate(sections["eval"]),
@@ -584,9 +646,24 @@ def resolve_trial(spec: SweepSpec, point: dict[str, Any]) -> TrialConfig:
     )
 
 
-def trial_configs(spec: SweepSpec) -> list[TrialConfig]:
+def model_key(model: ModelSpec) -> str:
+    """The key of a model spec in a `model_paths` mapping (see `resolve_trial`)."""
+    return model.model_dump_json()
+
+
+def trial_configs(spec: SweepSpec,
+                  model_paths: dict[str, str] | None = None) -> list[TrialConfig]:
     """Every trial of the sweep, resolved, in grid order."""
-    return [resolve_trial(spec, p) for p in grid_points(spec)]
+    return [resolve_trial(spec, p, model_paths) for p in grid_points(spec)]
+
+
+def sweep_models(spec: SweepSpec) -> list[ModelSpec]:
+    """The distinct model specs the sweep's trials start from (variants and grid axes may
+    override `model`)."""
+    models: dict[str, ModelSpec] = {}
+    for t in trial_configs(spec):
+        models.setdefault(model_key(t.model), t.model)
+    return list(models.values())
 
 
 def spec_fingerprint(spec: SweepSpec) -> str:

@@ -16,7 +16,8 @@ import torch
 
 from sweeper import cache as C
 from sweeper import data as D
-from sweeper.models import DualEncoder, load_pretrained, resolve_pretrained
+from sweeper.models import DualEncoder, load_pretrained
+from sweeper.prepare import model_paths, resolve_checkpoint, with_model_path
 from sweeper.spec import ModelSpec, SpecError, TinyModelSpec, resolve_trial, validate
 from sweeper.synthetic import generate
 from sweeper.worker import WorkerContext, run_trial
@@ -26,7 +27,7 @@ from tests.conftest import TINY, base_doc
 @pytest.fixture(scope="module")
 def tiny(cache_dir: Path):
     spec = ModelSpec(pretrained="tiny", tiny=TinyModelSpec(**TINY))
-    model, processor = load_pretrained(spec, cache_dir)
+    model, processor = load_pretrained(resolve_checkpoint(spec, cache_dir))
     return spec, model, processor
 
 
@@ -44,14 +45,14 @@ def test_feature_key_changes_with_checkpoint_transform_and_files(tiny, cache_dir
                                                                  tmp_path: Path) -> None:
     spec, _, processor = tiny
     tr = _transform(processor)
-    ckpt = C.checkpoint_fingerprint(resolve_pretrained(spec, cache_dir))
+    ckpt = C.checkpoint_fingerprint(resolve_checkpoint(spec, cache_dir))
     listing = C.SplitListing.scan(data_root, "train")
     key = C.feature_key(ckpt, tr, listing, "fp32")
-    assert key == C.feature_key(C.checkpoint_fingerprint(resolve_pretrained(spec, cache_dir)),
+    assert key == C.feature_key(C.checkpoint_fingerprint(resolve_checkpoint(spec, cache_dir)),
                                 tr, C.SplitListing.scan(data_root, "train"), "fp32")
     # Another checkpoint: a copy of the model whose config differs.
     other = tmp_path / "other-model"
-    src = Path(resolve_pretrained(spec, cache_dir))
+    src = Path(resolve_checkpoint(spec, cache_dir))
     other.mkdir()
     for f in src.iterdir():
         if f.is_file():
@@ -146,7 +147,7 @@ def _trial(tmp_path: Path, sweeper_cache: Path, variant: str, name: str,
     reports: list[dict] = []
     ctx = WorkerContext(trial_dir=tmp_path / name, cache_dir=sweeper_cache,
                         report=lambda m, ck: reports.append(m))
-    return run_trial(cfg, ctx), reports
+    return run_trial(with_model_path(cfg, sweeper_cache), ctx), reports
 
 
 KEYS = ("step", "train_loss", "val_top1", "val_top5", "logit_scale", "logit_bias")
@@ -190,19 +191,20 @@ def test_cache_jobs_build_before_the_trials(tmp_path: Path, cache_dir: Path) -> 
     doc = base_doc(tmp_path)
     doc["grid"]["variant"] = ["siglip", "siglit"]
     spec = validate(doc)
-    jobs = C.cache_jobs(spec, tmp_path / "results", str(cache_dir))
+    paths = model_paths(spec, cache_dir)
+    jobs = C.cache_jobs(spec, tmp_path / "results", paths, str(cache_dir))
     assert [j.kind for j in jobs] == ["features"]  # siglit only; siglip decodes
     assert jobs[0].root == str((tmp_path / "results" / ".cache").resolve())
     out = C.run_job(jobs[0])
     assert sorted(out["stores"]) == ["train", "val"]
-    assert C.cache_jobs(spec, tmp_path / "results", str(cache_dir)) == []  # built: no job
+    assert C.cache_jobs(spec, tmp_path / "results", paths, str(cache_dir)) == []  # built
     # The worker of a trial under <storage>/<name>/trials/<id> finds them there.
     cfg = resolve_trial(spec, {"variant": "siglit", "text_source": "templates",
                                "batch_size": 16, "n_train_classes": 4, "seed": 0})
     tdir = tmp_path / "results" / "t" / "trials" / cfg.trial_id
     assert C.cache_root(cfg.data, tdir) == Path(jobs[0].root)
     before = {p: p.stat().st_mtime_ns for p in Path(jobs[0].root).rglob("data.npy")}
-    run_trial(cfg, WorkerContext(trial_dir=tdir, cache_dir=cache_dir))
+    run_trial(with_model_path(cfg, cache_dir), WorkerContext(trial_dir=tdir, cache_dir=cache_dir))
     assert {p: p.stat().st_mtime_ns for p in Path(jobs[0].root).rglob("data.npy")} == before
 
 
@@ -228,17 +230,17 @@ def test_cached_variant_with_augmentation_is_refused(tmp_path: Path) -> None:
 
 
 def test_flip_is_seeded_per_sample() -> None:
-    a, b = C.flip_mask(0, 1, 100), C.flip_mask(0, 1, 100)
+    a, b = D.flip_mask(0, 1, 100), D.flip_mask(0, 1, 100)
     assert torch.equal(a, b) and 20 < int(a.sum()) < 80
-    assert not torch.equal(a, C.flip_mask(0, 2, 100))
+    assert not torch.equal(a, D.flip_mask(0, 2, 100))
     px = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
 
     class Loader(list):
         dataset = range(100)
 
-    mask = C.flip_mask(5, 0, 100)
+    mask = D.flip_mask(5, 0, 100)
     idx = torch.tensor([int(mask.nonzero()[0]), int((~mask).nonzero()[0])])
-    out = next(iter(C.DeviceBatches(Loader([{"pixel_values": px, "index": idx}]),
-                                    torch.device("cpu"), "flip", seed=5)))
+    out = next(iter(D.DeviceBatches(Loader([{"pixel_values": px, "index": idx}]),
+                                    torch.device("cpu"), augment="flip", seed=5)))
     assert torch.equal(out["pixel_values"][0], px[0].flip(-1))
     assert torch.equal(out["pixel_values"][1], px[1])

@@ -443,12 +443,9 @@ def test_spec_level_refusals(tmp_path: Path) -> None:
         D.check_dataset(spec(root, captions="captions.jsonl"), (1,), ("captions",))
 
 
-def test_cli_refuses_bad_data_before_any_trial(tmp_path: Path, monkeypatch, capsys) -> None:
-    import sweeper.models
+def test_cli_refuses_bad_data_before_any_trial(tmp_path: Path, capsys) -> None:
     from sweeper.run import main
 
-    monkeypatch.setattr(sweeper.models, "check_loadable", lambda m: None)
-    monkeypatch.setattr(sweeper.models, "resolve_pretrained", lambda m, c: None)
     root = make_folder(tmp_path / "ds", wnids=WNIDS[:2], n_train=2, n_val=1)
     _no_val(root)
     doc = base_doc(tmp_path)

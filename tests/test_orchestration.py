@@ -13,17 +13,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from sweeper.orchestration import (
-    DRIVER_CPU,
-    check_fits,
-    describe_failure,
-    local_nodes,
-    preflight,
-    prepare_experiment,
-    storage_path,
-    trials_at_once,
-    worker_resources,
-)
+from sweeper.experiment import prepare_experiment, storage_path
+from sweeper.orchestration import describe_failure
+from sweeper.preflight import preflight
+from sweeper.resources import DRIVER_CPU, check_fits, local_nodes, trials_at_once, worker_resources
 from sweeper.spec import ScalingSpec, SpecError, trial_configs, validate
 from tests.conftest import base_doc
 
@@ -203,12 +196,15 @@ def test_cli_changed_spec_exit_2(tmp_path: Path, cache_dir: Path) -> None:
     prepare_experiment(validate(doc), None, new=False)
     doc["train"]["lr"] = 5e-4
     spec = write(tmp_path, doc)
-    assert cli(spec, "--dry-run").returncode == 0  # a dry run looks, never refuses
+    # A dry run refuses what the run refuses, with the same line (issue 13: one validator).
+    dry = cli(spec, "--dry-run")
     r = cli(spec, "--cache-dir", str(cache_dir), timeout=600)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stderr.splitlines()[-1].startswith(
         "error: name: experiment ") and "(train.lr: 0.001 -> 0.0005)" in r.stderr
+    assert dry.returncode == 2 and dry.stderr.splitlines() == r.stderr.splitlines()[-1:]
     assert not (tmp_path / "results" / "t" / "trials").exists()
+    assert cli(spec, "--dry-run", "--new").returncode == 0
 
 
 # --------------------------------------------------------------------------- messages
@@ -247,7 +243,7 @@ def test_driver_does_not_retrain_an_errored_trial(tmp_path: Path) -> None:
     with pytest.raises(TrialFailed, match=r"errored in an earlier run \(OSError: x\); rerun "
                                           "with --retry-errored"):
         trial_driver(dict(t.axes), spec_json=spec.model_dump_json(), experiment_dir=str(exp),
-                     cache_dir=None)
+                     cache_dir=None, model_paths={})
     assert not (exp / "trials" / t.trial_id / "config.json").exists()  # nothing started
 
 

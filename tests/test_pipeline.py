@@ -14,10 +14,12 @@ import torch
 from sweeper import data as D
 from sweeper.losses import sigmoid_loss
 from sweeper.models import DualEncoder, load_pretrained
+from sweeper.prepare import resolve_checkpoint, with_model_path
 from sweeper.sink import TrialSink
 from sweeper.spec import ModelSpec, TinyModelSpec, resolve_trial, validate
 from sweeper.synthetic import class_table, generate
-from sweeper.worker import WorkerContext, run_trial, train_step
+from sweeper.training import train_step
+from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import SYNTH, TINY, base_doc
 
 
@@ -56,7 +58,7 @@ def test_synthetic_layout_and_determinism(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny(cache_dir: Path):
     spec = ModelSpec(tiny=TinyModelSpec(**TINY))
-    return load_pretrained(spec, cache_dir)
+    return load_pretrained(resolve_checkpoint(spec, cache_dir))
 
 
 def test_tiny_round_trip_through_auto_classes(tiny, cache_dir: Path) -> None:
@@ -85,8 +87,8 @@ def test_transform_matches_hf_image_processor(tiny, tmp_path: Path) -> None:
 
 
 def test_pretrained_tiny_beats_chance_zero_shot(tiny, cache_dir: Path) -> None:
+    from sweeper.evaluation import class_text_embeddings, image_embeddings, zero_shot_metrics
     from sweeper.synthetic import dataset_dir
-    from sweeper.worker import class_text_embeddings, image_embeddings, zero_shot_metrics
 
     model, processor = tiny
     root = dataset_dir(**SYNTH, cache_dir=cache_dir)
@@ -138,7 +140,7 @@ def run_in_process(tmp_path: Path, cache_dir: Path, **grid_train) -> tuple[dict,
     reports: list[dict] = []
     ctx = WorkerContext(trial_dir=tmp_path / "trial", cache_dir=cache_dir,
                         report=lambda m, ck: reports.append(m))
-    return run_trial(cfg, ctx), reports
+    return run_trial(with_model_path(cfg, cache_dir), ctx), reports
 
 
 def test_run_trial_in_process(tmp_path: Path, cache_dir: Path) -> None:

@@ -11,8 +11,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from sweeper.grid import grid_points
 from sweeper.run import main
-from sweeper.spec import SpecError, grid_points, load_spec, trial_configs, validate
+from sweeper.spec import SpecError, load_spec, trial_configs, validate
 from tests.conftest import base_doc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_grid_expansion_count_and_content(tmp_path: Path) -> None:
     from ray import tune
     from ray.tune.search.variant_generator import generate_variants
 
-    from sweeper.spec import grid_axes
+    from sweeper.grid import grid_axes
 
     space = {k: tune.grid_search(v) for k, v in grid_axes(validate(doc)).items()}
     tune_order = [dict(cfg) for _, cfg in generate_variants(space)]

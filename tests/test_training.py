@@ -18,22 +18,15 @@ import torch
 from torch import nn
 
 from sweeper import data as D
+from sweeper.checkpoint import load_checkpoint
+from sweeper.evaluation import Evaluator, val_loader, zero_shot_metrics
 from sweeper.models import DualEncoder, load_pretrained, text_max_length
+from sweeper.prepare import resolve_checkpoint, with_model_path
 from sweeper.sink import TrialSink, read_jsonl
 from sweeper.spec import ModelSpec, TinyModelSpec, TrainSpec, TrialConfig, resolve_trial, validate
 from sweeper.synthetic import dataset_dir
-from sweeper.worker import (
-    Evaluator,
-    WorkerContext,
-    _val_loader,
-    load_checkpoint,
-    lr_lambda,
-    param_groups,
-    resolve_precision,
-    run_trial,
-    train_step,
-    zero_shot_metrics,
-)
+from sweeper.training import lr_lambda, param_groups, resolve_precision, train_step
+from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import SYNTH, TINY, base_doc
 
 # 4 of 8 synthetic classes x 12 images = 48 training images: 3 steps per epoch at batch 16.
@@ -68,7 +61,11 @@ def run(cfg: TrialConfig, trial_dir: Path, cache_dir: Path, keep: Path | None = 
 
     ctx = WorkerContext(trial_dir=trial_dir, cache_dir=cache_dir, report=report,
                         resume_from=resume_from)
-    return run_trial(cfg, ctx), reports, ckpts
+    return run_trial(with_model_path(cfg, cache_dir), ctx), reports, ckpts
+
+
+def load_model(model: ModelSpec, cache_dir: Path) -> tuple[Any, Any]:
+    return load_pretrained(resolve_checkpoint(model, cache_dir))
 
 
 def untimed(row: dict) -> dict:
@@ -83,8 +80,8 @@ def evaluate_model(cfg: TrialConfig, model: Any, processor: Any, cache_dir: Path
     td = D.build_trial_data(cfg.data, cfg.text_source, cfg.n_train_classes, cfg.seed,
                             transform, root)
     max_len = text_max_length(model, processor, cfg.model.max_length)
-    loader = _val_loader(td.val_samples, td.val_names, transform, processor.tokenizer,
-                         max_len, WorkerContext(), cfg.eval.batch_size, 0)
+    loader = val_loader(td.val_samples, td.val_names, transform, processor.tokenizer,
+                        max_len, 0, 1, cfg.eval.batch_size, 0)
     return Evaluator(enc, loader, td.val_names, td.eval_templates, td.seen,
                      processor.tokenizer, max_len, batch_size=cfg.eval.batch_size)()
 
@@ -94,7 +91,7 @@ VAL_KEYS = ("val_top1", "val_top5", "val_top1_seen", "val_top1_unseen")
 
 @pytest.fixture(scope="module")
 def tiny(cache_dir: Path):
-    return load_pretrained(ModelSpec(tiny=TinyModelSpec(**TINY)), cache_dir)
+    return load_pretrained(resolve_checkpoint(ModelSpec(tiny=TinyModelSpec(**TINY)), cache_dir))
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -242,7 +239,7 @@ def test_step0_is_the_untouched_model_and_seen_unseen_match_per_class(
     first = reports[0]
     assert (first["step"], first["samples_seen"], first["epoch"]) == (0, 0, 0)
     assert first["train_loss"] is None and first["samples_per_s"] is None
-    fresh = evaluate_model(cfg, *load_pretrained(cfg.model, cache_dir), cache_dir)
+    fresh = evaluate_model(cfg, *load_model(cfg.model, cache_dir), cache_dir)
     assert {k: first[k] for k in VAL_KEYS} == {k: fresh[k] for k in VAL_KEYS}
     assert final["zero_shot_top1"] == first["val_top1"]
     # The seen/unseen split agrees with per_class.jsonl and the trial's training classes
@@ -265,7 +262,7 @@ def test_step0_is_the_untouched_model_and_seen_unseen_match_per_class(
     keys = {"epoch", "step", "samples_seen", "train_loss", "lr", "logit_scale", "logit_bias",
             *VAL_KEYS, "samples_per_s", "time_s", "best_val_top1", "best_step"}
     assert all(keys <= set(r) for r in reports)
-    model, _ = load_pretrained(cfg.model, cache_dir)
+    model, _ = load_model(cfg.model, cache_dir)
     assert first["logit_scale"] == pytest.approx(model.logit_scale.exp().item())
     assert first["logit_bias"] == pytest.approx(model.logit_bias.item())
     best = max(r["val_top1"] for r in reports)
@@ -307,7 +304,7 @@ def test_checkpoints_reload_and_final_model(tmp_path: Path, cache_dir: Path) -> 
     best = max(reports, key=lambda r: r["val_top1"])
     assert (best["step"], best["val_top1"]) == (final["best_step"], final["best_val_top1"])
     for rep in reports:
-        model, processor = load_pretrained(cfg.model, cache_dir)
+        model, processor = load_model(cfg.model, cache_dir)
         enc = DualEncoder(model, cfg.loss, cfg.freeze_vision)
         state = load_checkpoint(ckpts[rep["step"]], enc)
         assert state["step"] == rep["step"]
@@ -331,7 +328,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path, cache_dir: Path,
     ck["model"]["model.not_a_weight"] = torch.zeros(1)
     torch.save(ck, ckpts[1] / "state.pt")
     with pytest.raises(ValueError, match="not_a_weight"):
-        load_checkpoint(ckpts[1], DualEncoder(load_pretrained(cfg.model, cache_dir)[0]))
+        load_checkpoint(ckpts[1], DualEncoder(load_model(cfg.model, cache_dir)[0]))
 
 
 # --------------------------------------------------------------------------- determinism

@@ -31,17 +31,12 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
+from sweeper.checkpoint import load_checkpoint
 from sweeper.models import DualEncoder, build_tiny, build_tiny_clip, load_pretrained
-from sweeper.spec import ModelSpec, TinyModelSpec, TrainSpec, TrialConfig, resolve_trial, validate
+from sweeper.spec import TinyModelSpec, TrainSpec, TrialConfig, resolve_trial, validate
 from sweeper.synthetic import vocabulary
-from sweeper.worker import (
-    WorkerContext,
-    load_checkpoint,
-    make_loss_fn,
-    param_groups,
-    run_trial,
-    train_step,
-)
+from sweeper.training import make_loss_fn, param_groups, train_step
+from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import TINY, base_doc
 from tests.test_e2e import run_cli
 
@@ -112,7 +107,7 @@ def test_clip_checkpoint_loads_like_a_hub_checkpoint(checkpoints: dict[str, Path
     from sweeper import data as D
     from sweeper.models import text_max_length
 
-    model, processor = load_pretrained(ModelSpec(pretrained=str(checkpoints["clip"])))
+    model, processor = load_pretrained(str(checkpoints["clip"]))
     assert type(model).__name__ == "CLIPModel"
     assert type(processor).__name__ == "CLIPProcessor"
     assert getattr(model, "logit_bias", None) is None  # a hub CLIP has no bias
@@ -134,7 +129,7 @@ def test_clip_checkpoint_loads_like_a_hub_checkpoint(checkpoints: dict[str, Path
 
 def test_text_tower_gets_the_attention_mask_on_clip_only(checkpoints: dict[str, Path]) -> None:
     for arch, wants_mask in (("siglip", False), ("clip", True)):
-        model, processor = load_pretrained(ModelSpec(pretrained=str(checkpoints[arch])))
+        model, processor = load_pretrained(str(checkpoints[arch]))
         enc = DualEncoder(model, "softmax")
         seen: list[set[str]] = []
         original = model.get_text_features
@@ -150,7 +145,7 @@ def test_text_tower_gets_the_attention_mask_on_clip_only(checkpoints: dict[str, 
 
 
 def test_sigmoid_bias_on_a_clip_checkpoint(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    model, processor = load_pretrained(ModelSpec(pretrained=str(checkpoints["clip"])))
+    model, processor = load_pretrained(str(checkpoints["clip"]))
     enc = DualEncoder(model, "softmax")
     # The softmax loss ignores the bias: a frozen placeholder, not added to the model.
     assert not enc.logit_bias.requires_grad and getattr(model, "logit_bias", None) is None
@@ -166,7 +161,7 @@ def test_sigmoid_bias_on_a_clip_checkpoint(checkpoints: dict[str, Path], tmp_pat
         enc.logit_bias.fill_(-7.5)
     model.save_pretrained(tmp_path / "ft")
     processor.save_pretrained(tmp_path / "ft")
-    again, _ = load_pretrained(ModelSpec(pretrained=str(tmp_path / "ft")))
+    again, _ = load_pretrained(str(tmp_path / "ft"))
     assert again.logit_bias.item() == -7.5
     assert DualEncoder(again, "sigmoid").logit_bias.item() == -7.5
 
@@ -180,7 +175,7 @@ def test_variant_steps(arch: str, variant: str, checkpoints: dict[str, Path],
     """Two optimizer steps of each variant: what moves, what stays, what is in the graph."""
     loss, frozen = VARIANTS[variant]["loss"], VARIANTS[variant]["freeze_vision"]
     cfg = trial_cfg(tmp_path, checkpoints[arch], variant, lr=1e-3)
-    model, processor = load_pretrained(cfg.model)
+    model, processor = load_pretrained(cfg.model.pretrained)
     enc = DualEncoder(model, loss, frozen)
     vision = {n for n, _ in enc.named_parameters() if _is_vision(n)}
     assert vision and all(p.requires_grad != frozen
@@ -260,7 +255,7 @@ def test_variant_trial_in_process(arch: str, variant: str, checkpoints: dict[str
         assert "logit_bias" not in post and bias == -10.0
     assert reports[-1]["logit_scale"] != reports[0]["logit_scale"]
 
-    model, _ = load_pretrained(cfg.model)
+    model, _ = load_pretrained(cfg.model.pretrained)
     enc = DualEncoder(model, loss, frozen)
     load_checkpoint(last_ckpt, enc)
     restored = model.state_dict()
@@ -306,7 +301,7 @@ def _dist_worker(rank: int, init_file: str, out: str, dirs: dict[str, Path],
     try:
         for arch, variant, pairs in DDP_CASES:
             cfg = _ddp_cfg(tmp, dirs, arch, variant, pairs, WORLD)
-            model, processor = load_pretrained(cfg.model)
+            model, processor = load_pretrained(cfg.model.pretrained)
             enc = DualEncoder(model, cfg.loss, cfg.freeze_vision)
             ddp = torch.nn.parallel.DistributedDataParallel(enc)
             batch = half(make_batch(processor, 8, repeat_labels=pairs != "negative"), rank, WORLD)
@@ -347,7 +342,7 @@ def test_ddp_step_equals_one_process_on_the_whole_batch(
         arch: str, variant: str, pairs: str, checkpoints: dict[str, Path],
         two_process_results: list[dict], tmp_path: Path) -> None:
     cfg = _ddp_cfg(tmp_path, checkpoints, arch, variant, pairs, 1)
-    model, processor = load_pretrained(cfg.model)
+    model, processor = load_pretrained(cfg.model.pretrained)
     enc = DualEncoder(model, cfg.loss, cfg.freeze_vision)
     start = {n: p.detach().clone() for n, p in enc.named_parameters()}
     batch = make_batch(processor, 8, repeat_labels=pairs != "negative")

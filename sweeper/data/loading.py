@@ -1,0 +1,381 @@
+"""Loading: the image-text dataset, the collate, the global-batch sampler and the loader
+that hands batches to the step on the device."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sweeper.data.base import ROW_GROUP_CACHE, Sample, inside_root
+from sweeper.data.selection import pick_text
+from sweeper.data.transform import ImageTransform
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_bad(where: str, err: BaseException) -> None:
+    """Log an unreadable image once per process."""
+    if where not in _WARNED:
+        _WARNED.add(where)
+        log.warning("skipping unreadable image %s: %s: %s", where, type(err).__name__,
+                    str(err).splitlines()[0][:200] if str(err) else "")
+
+
+class _RowGroupCache:
+    """The `image` column of the last few Parquet row groups read (per process)."""
+
+    def __init__(self, size: int = ROW_GROUP_CACHE) -> None:
+        self.size = size
+        self.groups: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self.files: OrderedDict[str, Any] = OrderedDict()
+
+    def _file(self, path: str) -> Any:
+        import pyarrow.parquet as pq
+
+        pf = self.files.pop(path, None) or pq.ParquetFile(path)
+        self.files[path] = pf
+        while len(self.files) > self.size:
+            self.files.popitem(last=False)
+        return pf
+
+    def get(self, path: str, row_group: int, row: int) -> tuple[bytes | None, str | None]:
+        key = (path, row_group)
+        col = self.groups.pop(key, None)
+        if col is None:
+            col = self._file(path).read_row_group(row_group, columns=["image"]).column(0)
+            col = col.combine_chunks()
+        self.groups[key] = col
+        while len(self.groups) > self.size:
+            self.groups.popitem(last=False)
+        import pyarrow as pa
+
+        if pa.types.is_struct(col.type):
+            names = [col.type.field(i).name for i in range(col.type.num_fields)]
+            b = col.field("bytes")[row].as_py() if "bytes" in names else None
+            p = col.field("path")[row].as_py() if "path" in names else None
+            return b, p
+        return col[row].as_py(), None
+
+
+class _Items(list):
+    """The items of one batch (a list of item dicts, as `__getitem__` makes them) whose
+    images already sit in one uint8 tensor `uint8` [n, H, W, 3] (item `pixel_values` are
+    views of its rows); `transform` normalises it. Built in shared memory inside a
+    DataLoader worker, so the batch crosses to the main process without another copy."""
+
+    uint8: torch.Tensor | None = None
+    transform: ImageTransform | None = None
+
+
+def _batch_buffer(n: int, h: int, w: int) -> torch.Tensor:
+    """An uninitialised [n, h, w, 3] uint8 tensor; in a DataLoader worker, allocated in
+    shared memory so that sending the batch to the main process copies nothing (as torch's
+    default_collate does)."""
+    numel = n * h * w * 3
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            proto = torch.empty(0, dtype=torch.uint8)
+            storage = proto._typed_storage()._new_shared(numel, device="cpu")
+            return proto.new(storage).view(n, h, w, 3)
+        except (AttributeError, RuntimeError):  # private API moved: plain memory
+            pass
+    return torch.empty(n, h, w, 3, dtype=torch.uint8)
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Indexable by `(index, epoch)` so the text drawn per sample changes with the epoch
+    even inside persistent DataLoader workers (they never see a `set_epoch` call).
+
+    An unreadable, truncated or decompression-bomb image is logged once, counted
+    (`skipped` on the item) and never raises. With `substitute_bad` (training), the next
+    readable sample takes its place so every rank keeps the same batch size (the global-
+    batch losses need equal shards); otherwise the item is only the count.
+    """
+
+    def __init__(self, samples: Sequence[Sample], names: Sequence[str], transform: ImageTransform,
+                 templates: Sequence[str], text_source: str, seed: int,
+                 substitute_bad: bool = False, root: str | Path | None = None) -> None:
+        self.samples = list(samples)
+        self.names = list(names)
+        self.transform = transform
+        self.templates = list(templates)
+        self.text_source = text_source
+        self.seed = seed
+        self.substitute_bad = substitute_bad
+        self.root = str(root) if root is not None else None
+        self._cache: _RowGroupCache | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}  # each worker process opens its own files
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    # -- reading
+
+    def _open(self, s: Sample) -> Image.Image:
+        if s.row_group < 0:
+            return Image.open(s.path)
+        if self._cache is None:
+            self._cache = _RowGroupCache()
+        data, path = self._cache.get(s.path, s.row_group, s.row)
+        if data is not None:
+            return Image.open(io.BytesIO(data))
+        if not path:
+            raise OSError("row has neither image bytes nor a path")
+        base = Path(self.root) if self.root else Path(s.path).parent
+        p = Path(path) if Path(path).is_absolute() else base / path
+        if not inside_root(p, Path(os.path.realpath(base))):
+            raise OSError(f"image path {path!r} leaves the data root")
+        return Image.open(p)
+
+    def _where(self, s: Sample) -> str:
+        return s.path if s.row_group < 0 else f"{s.path}[row group {s.row_group}, row {s.row}]"
+
+    def load_uint8(self, index: int) -> np.ndarray | None:
+        """The sample's image resized for the model (HWC uint8), or None (logged) when it
+        cannot be read. Decompression-bomb warnings count as errors."""
+        s = self.samples[index]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with self._open(s) as im:
+                    return self.transform.resize_uint8(im)
+        except Exception as e:  # any decoder failure: one bad file never ends a trial
+            _warn_bad(self._where(s), e)
+            return None
+
+    def _readable(self, index: int) -> tuple[int, np.ndarray | None, int]:
+        """(index actually used, its pixels, bad images met)."""
+        arr = self.load_uint8(index)
+        if arr is not None or not self.substitute_bad:
+            return index, arr, int(arr is None)
+        bad, n = 1, len(self.samples)
+        for j in range(1, min(n, 16)):
+            alt = (index + j) % n  # a neighbour: usually the same class
+            arr = self.load_uint8(alt)
+            if arr is not None:
+                return alt, arr, bad
+            bad += 1
+        return index, None, bad
+
+    def _item(self, index: int, epoch: int, used: int, pixels: torch.Tensor | None,
+              bad: int) -> dict[str, Any]:
+        if pixels is None:
+            return {"skipped": bad}
+        s = self.samples[used]
+        text = pick_text(s, self.names[s.label], self.templates, self.text_source, self.seed,
+                         epoch, used)
+        return {"pixel_values": pixels, "label": s.label, "text": text, "index": used,
+                "skipped": bad}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        used, arr, bad = self._readable(index)
+        return self._item(index, epoch, used, None if arr is None else
+                          self.transform.normalize(arr), bad)
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> _Items:
+        """A whole batch (what `Collate` takes): Parquet rows read grouped by row group,
+        each image resized straight into one uint8 batch tensor (normalised later, once
+        per batch, by `Collate` or by the loader `make_loader` builds)."""
+        keys = [k if isinstance(k, tuple) else (k, 0) for k in keys]
+        size = self.transform.output_size
+        if size is None or not keys:  # sizes differ per image: one float tensor each
+            return _Items(self[k] for k in keys)
+        order = sorted(range(len(keys)), key=lambda i: (
+            self.samples[keys[i][0]].path, self.samples[keys[i][0]].row_group, i))
+        items = _Items([None] * len(keys))
+        items.uint8, items.transform = _batch_buffer(len(keys), *size), self.transform
+        rows = items.uint8.numpy()
+        for i in order:
+            index, epoch = keys[i]
+            used, arr, bad = self._readable(index)
+            if arr is not None:
+                rows[i] = arr
+            items[i] = self._item(index, epoch, used, None if arr is None else items.uint8[i],
+                                  bad)
+        return items
+
+
+@dataclass
+class Collate:
+    """Tokenise the batch's texts and stack its images; drop unreadable samples.
+
+    `pixel_values`: [b, 3, H, W] float, normalised; or, with `uint8` (set by `make_loader`,
+    whose loader then normalises in the consuming process or on the GPU), the batch's
+    [b, H, W, 3] uint8 pixels, a quarter of the bytes to move between processes."""
+
+    tokenizer: Any
+    max_length: int
+    uint8: bool = False
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        good_idx = [i for i, it in enumerate(items) if it and "pixel_values" in it]
+        skipped = sum(int(it.get("skipped", 0)) for it in items if it)
+        if not good_idx:
+            return {"skipped": skipped, "size": 0}
+        good = [items[i] for i in good_idx]
+        pixels = getattr(items, "uint8", None)
+        if pixels is not None:
+            if len(good_idx) < len(items):
+                pixels = pixels[torch.tensor(good_idx)]
+            if not self.uint8:
+                pixels = items.transform.normalize(pixels)
+        else:
+            pixels = torch.stack([it["pixel_values"] for it in good])
+        texts = [it["text"] for it in good]
+        tok = self.tokenizer(texts, padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        return {
+            "pixel_values": pixels,
+            "input_ids": tok["input_ids"],
+            "attention_mask": tok.get("attention_mask"),
+            "labels": torch.tensor([it["label"] for it in good], dtype=torch.long),
+            "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+            "skipped": skipped,
+            "size": len(good),
+        }
+
+
+@dataclass
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's slice of every *global* batch of one epoch.
+
+    The epoch's permutation (seeded by seed + epoch) is cut into global batches of
+    `batch_size`; rank r takes items [r*b, (r+1)*b) of each, b = batch_size / world_size.
+    The last incomplete batch is dropped, unless it is the only one (fewer samples than one
+    batch), in which case it is trimmed to a multiple of the world size. Every rank therefore
+    runs the same number of steps, and the union over ranks is exactly the global batch.
+    """
+
+    n: int
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    epoch: int = 0
+    skip_batches: int = 0
+
+    def global_batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        full = self.n // self.batch_size
+        batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(full)]
+        if not batches:
+            keep = (self.n // self.world_size) * self.world_size
+            batches = [order[:keep]] if keep else []
+        return batches
+
+    def __len__(self) -> int:
+        return max(0, len(self.global_batches()) - self.skip_batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for gb in self.global_batches()[self.skip_batches:]:
+            b = len(gb) // self.world_size
+            mine = gb[self.rank * b:(self.rank + 1) * b]
+            yield [(i, self.epoch) for i in mine]
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int) -> int:
+    """Optimiser steps in one epoch of `n` samples at global `batch_size`."""
+    return n // batch_size if n >= batch_size else int(n >= world_size)
+
+
+def flip_mask(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """[n] bool: which samples `data.augment: flip` mirrors this epoch. A function of
+    (seed, epoch, sample index) only, so any world size, worker count or resume point
+    flips the same images."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+    return torch.rand(n, generator=g) < 0.5
+
+
+class DeviceBatches:
+    """The batches of a DataLoader on `device`, ready for the step: the one place a batch
+    moves to the device.
+
+    Tensors are copied with `non_blocking=True` (the loader pins them on CUDA, so the copy
+    overlaps the step still running); uint8 pixels (`Collate.uint8`: a quarter of the bytes
+    of float ones cross processes and PCIe) are normalised there; `augment == "flip"`
+    mirrors the images `flip_mask` picks, on the device. Nothing here reads a device value
+    back (no host sync). Other attributes are the DataLoader's."""
+
+    def __init__(self, loader: Any, device: torch.device | None = None,
+                 transform: ImageTransform | None = None, augment: str = "none",
+                 seed: int = 0, sampler: Any = None) -> None:
+        self.loader = loader
+        self.device = device or torch.device("cpu")
+        self.transform, self.augment, self.seed, self.sampler = transform, augment, seed, sampler
+        self._flips: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield self.finish(batch)
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One batch of the loader, moved, normalised and augmented."""
+        index = batch.get("index")
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
+                     else v for k, v in batch.items()}
+        px = batch.get("pixel_values")
+        if isinstance(px, torch.Tensor) and px.dtype == torch.uint8 and self.transform:
+            px = batch["pixel_values"] = self.transform.normalize(px)
+        if self.augment == "flip" and isinstance(px, torch.Tensor) and index is not None:
+            epoch = getattr(self.sampler, "epoch", 0)
+            if self._flips is None or self._flips[0] != epoch:
+                self._flips = (epoch, flip_mask(self.seed, epoch, len(self.loader.dataset)))
+            mask = self._flips[1][index].to(px.device, non_blocking=True)
+            batch["pixel_values"] = torch.where(mask.view(-1, 1, 1, 1), px.flip(-1), px)
+        return batch
+
+
+def make_loader(ds: torch.utils.data.Dataset, sampler: Any, collate: Any, num_workers: int,
+                pin_memory: bool = False, device: torch.device | None = None,
+                augment: str = "none", seed: int = 0) -> DeviceBatches:
+    """A DataLoader over a batch sampler (workers persist across epochs when there are any),
+    its batches delivered on `device` by `DeviceBatches`.
+
+    With an `ImageTextDataset` and a `Collate`, decoded images cross from the workers as
+    uint8 and are normalised once per batch, on the device."""
+    transform = getattr(ds, "transform", None)
+    wrap = isinstance(collate, Collate) and isinstance(transform, ImageTransform)
+    if wrap:
+        collate = dataclasses.replace(collate, uint8=True)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        # The batch sampler runs in this process, so a persistent worker still sees each
+        # epoch's new order; keeping workers alive saves their start-up every epoch.
+        persistent_workers=num_workers > 0,
+    )
+    return DeviceBatches(loader, device, transform if wrap else None, augment, seed, sampler)

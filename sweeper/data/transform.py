@@ -1,0 +1,173 @@
+"""The model's own preprocessing: the Hugging Face image processor's geometry and
+normalisation as one cheap, picklable function."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _size_get(size: Any, key: str) -> Any:
+    if size is None:
+        return None
+    if isinstance(size, dict):
+        return size.get(key)
+    return getattr(size, key, None)
+
+
+def _triple(v: Any) -> tuple[float, float, float]:
+    if isinstance(v, int | float):
+        return (float(v),) * 3
+    t = tuple(float(x) for x in v)
+    return t if len(t) == 3 else (t[0],) * 3
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """The model's own image-processor settings applied to a PIL image -> [3, H, W] float.
+
+    Reads resolution, resize mode (fixed height x width, or shortest edge keeping the aspect
+    ratio, as CLIP), centre crop, rescale and mean/std from the HF image processor and
+    reproduces its geometry exactly (same output sizes, same PIL resampling, same crop and
+    zero padding offsets, transparency composited on white), but runs as one cheap function
+    that pickles into DataLoader worker processes.
+    """
+
+    height: int
+    width: int
+    shortest_edge: int | None
+    crop: tuple[int, int] | None
+    resample: int
+    rescale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    do_resize: bool = True
+    alpha_on_white: bool = True
+
+    @classmethod
+    def from_processor(cls, image_processor: Any) -> ImageTransform:
+        ip = image_processor
+        size = getattr(ip, "size", None)
+        shortest = _size_get(size, "shortest_edge")
+        h, w = _size_get(size, "height"), _size_get(size, "width")
+        do_resize = bool(getattr(ip, "do_resize", True))
+        if do_resize and not shortest and not (h and w):
+            raise ValueError(f"unsupported image-processor size {size!r}: "
+                             "expected height/width or shortest_edge")
+        if do_resize and shortest and _size_get(size, "longest_edge"):
+            raise ValueError("unsupported image-processor size: shortest_edge with "
+                             "longest_edge")
+        crop = None
+        cs = getattr(ip, "crop_size", None)
+        if getattr(ip, "do_center_crop", False) and cs:
+            crop = (int(_size_get(cs, "height")), int(_size_get(cs, "width")))
+        resample = getattr(ip, "resample", None)
+        resample = Image.BICUBIC if resample is None else resample
+        rescale = float(getattr(ip, "rescale_factor", 1 / 255) or 1 / 255)
+        if not getattr(ip, "do_rescale", True):
+            rescale = 1.0
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        if getattr(ip, "do_normalize", True):
+            mean, std = _triple(ip.image_mean), _triple(ip.image_std)
+        default = int(shortest or 224)
+        return cls(int(h or default), int(w or default),
+                   int(shortest) if shortest and not (h and w) else None, crop,
+                   int(resample), rescale, mean, std, do_resize,
+                   bool(getattr(ip, "do_convert_rgb", True)))
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(H, W) of every output, or None when it depends on the image (shortest-edge
+        resize without a crop)."""
+        if self.crop:
+            return self.crop
+        if self.do_resize and self.shortest_edge is None:
+            return (self.height, self.width)
+        return None
+
+    def resize_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) after the resize step, as HF computes it (the long side of a
+        shortest-edge resize is truncated, not rounded)."""
+        if not self.do_resize:
+            return w, h
+        if self.shortest_edge is None:
+            return self.width, self.height
+        s = self.shortest_edge
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(s * long / short)
+        return (s, new_long) if w <= h else (new_long, s)
+
+    def to_rgb(self, img: Image.Image) -> Image.Image:
+        if img.mode == "RGB":
+            return img
+        if self.alpha_on_white and ("A" in img.getbands()
+                                    or img.info.get("transparency") is not None):
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(bg, rgba).convert("RGB")
+        return img.convert("RGB")
+
+    def resize_uint8(self, img: Image.Image) -> np.ndarray:
+        """Resize (and crop) to the model's input resolution as HWC uint8."""
+        img = self.to_rgb(img)
+        size = self.resize_size(*img.size)
+        if size != img.size:
+            img = img.resize(size, self.resample)
+        arr = np.asarray(img)
+        if self.crop:
+            arr = _center_crop(arr, *self.crop)
+        return arr
+
+    @functools.cached_property
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        a = np.array([self.rescale / s for s in self.std], dtype=np.float32).reshape(3, 1, 1)
+        b = np.array([m / s for m, s in zip(self.mean, self.std, strict=True)],
+                     dtype=np.float32).reshape(3, 1, 1)
+        return a, b
+
+    def normalize(self, arr: np.ndarray | torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """HWC (or NHWC) uint8 -> CHW (NCHW) float32, rescaled and normalised, written into
+        `out` when given. One fused multiply-subtract, x * (rescale / std) - mean / std:
+        HF's (x * rescale - mean) / std up to float32 rounding (within 1e-6)."""
+        if isinstance(arr, torch.Tensor) and arr.device.type != "cpu":
+            a, b = (torch.from_numpy(v).to(arr.device) for v in self._affine)
+            return arr.movedim(-1, -3).float().mul_(a).sub_(b)
+        x = arr.numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+        x = np.moveaxis(x, -1, -3)
+        if out is None:
+            out = torch.empty(x.shape, dtype=torch.float32)
+        o = out.numpy()
+        a, b = self._affine
+        np.multiply(x, a, out=o)
+        np.subtract(o, b, out=o)
+        return out
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.normalize(self.resize_uint8(img))
+
+
+def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """HF's `center_crop` on HWC: offsets (H - ch) // 2, zero padding when too small."""
+    h, w = arr.shape[:2]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0:
+        return arr[top:top + ch, left:left + cw]
+    nh, nw = max(ch, h), max(cw, w)
+    padded = np.zeros((nh, nw, *arr.shape[2:]), dtype=arr.dtype)
+    tp, lp = math.ceil((nh - h) / 2), math.ceil((nw - w) / 2)
+    padded[tp:tp + h, lp:lp + w] = arr
+    top, left = top + tp, left + lp
+    return padded[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]

@@ -1,0 +1,219 @@
+"""The experiment folder's rules, without Ray: where it is (`storage`), whether a rerun
+resumes it or is refused (the spec changed), creating it, and how a sweep ended.
+
+`sink.py` says what a trial leaves on disk; this module says what the experiment as a
+whole may be. The orchestration and `--dry-run` call the same functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sweeper.grid import grid_axes
+from sweeper.sink import TrialSink, atomic_write_bytes, atomic_write_json, read_json, trial_dir
+from sweeper.spec import SpecError, SweepSpec, spec_fingerprint, trial_configs
+
+FINISHED = ("terminated", "diverged")
+
+# Keys of the spec that say where and how fast trials run, not what they compute: an
+# existing experiment resumes when only these changed.
+RESOURCE_KEYS = (
+    "storage",
+    "loggers",
+    "scaling.resources_per_worker",
+    "scaling.placement_strategy",
+    "scaling.max_concurrent_trials",
+    "scaling.max_failures",
+    "scaling.worker_start_timeout_s",
+)
+
+
+def storage_path(storage: str) -> Path:
+    """`storage` as a local (possibly shared) path; refuse object-store URIs."""
+    if storage.startswith("file://"):
+        storage = storage[len("file://"):]
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", storage):
+        scheme = storage.split("://", 1)[0]
+        raise SpecError(
+            f"storage: {storage!r}: {scheme}:// URIs are not supported, because every trial "
+            "appends its history to files in place; mount the bucket or a shared filesystem "
+            "(NFS, Lustre, a FUSE mount) at the same path on every node and give that path")
+    return Path(storage).expanduser().resolve()
+
+
+def check_storage(storage: str) -> Path:
+    """`storage` as a local path that can be a directory of ours: an existing directory we
+    may write to, or a path whose nearest existing ancestor is one."""
+    path = storage_path(storage)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe == path and not path.is_dir():
+        raise SpecError(f"storage: {storage!r} exists and is not a directory")
+    if not probe.is_dir():
+        raise SpecError(f"storage: {storage!r}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SpecError(f"storage: {storage!r}: {probe} is not writable by this user")
+    return path
+
+
+@dataclass
+class SweepResult:
+    """How a sweep ended, for the CLI's exit status and summary."""
+
+    experiment_dir: Path
+    statuses: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    stopped_early: list[str] = field(default_factory=list)
+    report_paths: dict[str, Path] = field(default_factory=dict)
+    interrupted: bool = False
+    signal_number: int = signal.SIGINT  # which signal interrupted the sweep
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 every trial terminated or diverged, 1 some did not, 128 + the signal when
+        interrupted (130 Ctrl-C, 143 SIGTERM)."""
+        if self.interrupted:
+            return 128 + int(self.signal_number)
+        return 1 if self.errors else 0
+
+
+def experiment_dir(spec: SweepSpec) -> Path:
+    """`<storage>/<name>`, absolute (Tune needs absolute storage paths)."""
+    return storage_path(spec.storage) / spec.name
+
+
+def _spec_doc(spec: SweepSpec | dict[str, Any]) -> dict[str, Any]:
+    doc = spec.model_dump(mode="json") if isinstance(spec, SweepSpec) else json.loads(
+        json.dumps(spec))
+    for key in RESOURCE_KEYS:
+        node, *rest = key.split(".")
+        if rest:
+            doc.get(node, {}).pop(rest[0], None)
+        else:
+            doc.pop(node, None)
+    doc.pop("name", None)
+    return doc
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            d = _first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    if old != new:
+        return f"{path or '<root>'}: {json.dumps(old)[:60]} -> {json.dumps(new)[:60]}"
+    return None
+
+
+def spec_change(old_sweep: dict[str, Any], spec: SweepSpec) -> str | None:
+    """None when `spec` computes the same trials as the experiment of `old_sweep`
+    (sweep.json), else the first differing key path (`train.lr: 0.001 -> 0.0003`).
+    Resource keys (RESOURCE_KEYS) may change: they say where trials run, not what they do."""
+    if old_sweep.get("fingerprint") == spec_fingerprint(spec):
+        return None
+    old_spec = old_sweep.get("spec")
+    if not isinstance(old_spec, dict):
+        return "fingerprint differs"
+    try:  # keys added to the spec since, at their defaults, are no change
+        old_doc = _spec_doc(SweepSpec.model_validate(old_spec))
+    except Exception:
+        old_doc = _spec_doc(old_spec)
+    return _first_difference(old_doc, _spec_doc(spec))
+
+
+def plan_experiment(spec: SweepSpec, new: bool = False, resume: bool = False) -> SweepSpec:
+    """The spec of the experiment a run would open, refusing what it would refuse; reads,
+    never writes (a dry run calls it too).
+
+    An existing experiment of a different spec is refused naming the first changed key,
+    unless `new`: then the new one gets a suffixed name (`name-2`, `name-3`, ...). With
+    `resume` the experiment must exist. Changes to resource keys only (RESOURCE_KEYS)
+    reopen the experiment as it is. A folder that exists but is not an experiment of ours
+    (no sweep.json, not empty) is refused: we never write into someone else's folder."""
+    base = spec.name
+    k = 1
+    while True:
+        exp = experiment_dir(spec)
+        old = read_json(exp / "sweep.json")
+        change = spec_change(old, spec) if isinstance(old, dict) else None
+        if old is None or change is None:
+            break
+        if not new:
+            raise SpecError(
+                f"name: experiment {exp} exists with a different spec ({change}); pass --new "
+                "to start another beside it, or another --name")
+        k += 1
+        spec = spec.model_copy(update={"name": f"{base}-{k}"})
+    if resume and old is None:
+        raise SpecError(f"name: no experiment {exp} to resume (drop --resume to start it)")
+    if old is None and exp.exists():
+        if not exp.is_dir():
+            raise SpecError(f"name: {exp} exists and is not a directory")
+        if any(p.name != "sweep.json" for p in exp.iterdir()) \
+                and not (exp / "trials").is_dir():
+            raise SpecError(f"name: {exp} exists and is not a sweeper experiment (no "
+                            "sweep.json); choose another --name or storage")
+    return spec
+
+
+def create_experiment(spec: SweepSpec, spec_text: str | None = None) -> Path:
+    """Create the experiment folder of a planned spec (`plan_experiment`) and its
+    sweep.json and spec.yaml, unless they exist; returns the folder."""
+    exp = experiment_dir(spec)
+    exp.mkdir(parents=True, exist_ok=True)
+    if read_json(exp / "sweep.json") is None:
+        trials = trial_configs(spec)
+        atomic_write_json(exp / "sweep.json", {
+            "name": spec.name,
+            "fingerprint": spec_fingerprint(spec),
+            "spec": spec.model_dump(mode="json"),
+            "axes": grid_axes(spec),
+            "trials": [{"trial_id": t.trial_id, "axes": t.axes,
+                        "config": t.model_dump(mode="json")} for t in trials],
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        if spec_text is not None:
+            atomic_write_bytes(exp / "spec.yaml", spec_text.encode())
+    return exp
+
+
+def prepare_experiment(spec: SweepSpec, spec_text: str | None, new: bool,
+                       resume: bool = False) -> SweepSpec:
+    """`plan_experiment`, then `create_experiment`: create or reopen the folder."""
+    spec = plan_experiment(spec, new, resume)
+    create_experiment(spec, spec_text)
+    return spec
+
+
+def reset_errored(spec: SweepSpec, exp: Path) -> None:
+    """Set the errored trials of the experiment back to pending (`--retry-errored`)."""
+    for t in trial_configs(spec):
+        s = TrialSink(trial_dir(exp, t.trial_id))
+        if s.status().get("status") == "errored":
+            s.update_status(status="pending", error=None, error_detail=None)
+
+
+def collect(spec: SweepSpec, result: SweepResult) -> None:
+    """Fill `result` with every trial's status and the first line of each error."""
+    for t in trial_configs(spec):
+        st = TrialSink(trial_dir(result.experiment_dir, t.trial_id)).status()
+        status = st.get("status") or "pending"
+        result.statuses[t.trial_id] = status
+        if status == "errored":
+            result.errors[t.trial_id] = str(st.get("error") or "").splitlines()[0][:300] \
+                if st.get("error") else "errored"
+        elif status not in FINISHED and not result.interrupted:
+            result.errors[t.trial_id] = f"did not finish (status {status})"

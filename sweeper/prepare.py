@@ -1,0 +1,63 @@
+"""What is built once per sweep, before any trial launches: every model the trials start
+from resolved to a local checkpoint directory (the offline presets pretrained, hub models
+downloaded into the Hugging Face cache), and the synthetic dataset generated.
+
+The resolved directories travel in each trial's config (`TrialConfig.model_path`), so a
+worker only ever loads a directory: it never builds, downloads or pretrains a model. Never
+imports Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sweeper import data as D
+from sweeper.models import PRESETS, hub_snapshot, local_checkpoint
+from sweeper.pretrain import ensure_tiny
+from sweeper.spec import ModelSpec, SweepSpec, TrialConfig, model_key, sweep_models, trial_configs
+
+
+def resolve_checkpoint(model_spec: ModelSpec, cache_dir: str | Path | None = None) -> str:
+    """The local checkpoint directory of `model.pretrained`: a preset pretrained on first
+    use (cached by its config), a model directory as given, or a hub model's snapshot in the
+    Hugging Face cache (downloaded if absent). Raises `ModelError` (one line)."""
+    name = model_spec.pretrained
+    if name in PRESETS:
+        return str(ensure_tiny(model_spec.tiny, cache_dir, arch=PRESETS[name]))
+    path = local_checkpoint(name)
+    return path if Path(path).is_dir() else hub_snapshot(path)
+
+
+def model_paths(spec: SweepSpec, cache_dir: str | Path | None = None,
+                announce: bool = False) -> dict[str, str]:
+    """{model_key: checkpoint directory} for every model the sweep's trials start from."""
+    out = {}
+    for m in sweep_models(spec):
+        if announce and m.pretrained in PRESETS:
+            print(f"Preparing the {m.pretrained} pretrained model (cached after the first "
+                  "run) ...", flush=True)
+        out[model_key(m)] = resolve_checkpoint(m, cache_dir)
+    return out
+
+
+def prepare_inputs(spec: SweepSpec, cache_dir: str | Path | None = None,
+                   announce: bool = True) -> dict[str, str]:
+    """Build what every trial reads, once: the models (see `model_paths`, returned) and the
+    synthetic dataset."""
+    paths = model_paths(spec, cache_dir, announce)
+    if spec.data.synthetic is not None:
+        D.data_root(spec.data, cache_dir)
+    return paths
+
+
+def resolved_trials(spec: SweepSpec, cache_dir: str | Path | None = None) -> list[TrialConfig]:
+    """Every trial of the sweep with its model resolved (what in-process runs use)."""
+    return trial_configs(spec, prepare_inputs(spec, cache_dir, announce=False))
+
+
+def with_model_path(cfg: TrialConfig, cache_dir: str | Path | None = None,
+                    **updates: Any) -> TrialConfig:
+    """`cfg` with its `model_path` resolved (and any other field updated)."""
+    path = resolve_checkpoint(cfg.model, cache_dir)
+    return cfg.model_copy(update={"model_path": path, **updates})

@@ -1,0 +1,156 @@
+"""The reusable optimisation pieces: parameter groups, the learning-rate schedule, the
+step budget, the loss choice, precision and autocast, and the train step itself.
+
+Pure functions over a model, a batch and an optimizer: the worker loop, the tiny-model
+pretraining and the frozen-tower caches all import them from here, and none of them
+imports this module's callers. Never imports Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from sweeper import data as D
+from sweeper.losses import sigmoid_loss, softmax_loss
+from sweeper.spec import TrialConfig
+
+
+def _tower(name: str) -> str:
+    if "logit_" in name:
+        return "logit"
+    if "vision" in name or "visual" in name:
+        return "vision"
+    return "text"
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim < 2 or "bias" in name or "norm" in name or "logit_" in name
+
+
+def param_groups(model: nn.Module, train: Any) -> list[dict[str, Any]]:
+    """AdamW groups: per tower (text, vision, temperature/bias) x decay/no-decay.
+
+    Biases, norms and the temperature/bias get no weight decay; each tower may have its own
+    learning rate (`train.lr_text`, `lr_vision`, `lr_logit`, else `train.lr`)."""
+    lrs = {"text": train.lr_text, "vision": train.lr_vision, "logit": train.lr_logit}
+    groups: dict[tuple[str, bool], dict[str, Any]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        tower, nd = _tower(name), _no_decay(name, p)
+        g = groups.setdefault((tower, nd), {
+            "params": [], "names": [], "tower": tower,
+            "lr": lrs[tower] or train.lr,
+            "weight_decay": 0.0 if nd else train.weight_decay,
+        })
+        g["params"].append(p)
+        g["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_lambda(train: Any, total_steps: int) -> Callable[[int], float]:
+    """The LambdaLR factor of the update that follows `step` updates: linear warmup
+    (1/W, 2/W, ..., 1 over the first W = `train.warmup_steps` updates), then 1 (constant)
+    or a cosine from 1 at step W to 0 at `total_steps`."""
+    warm = train.warmup_steps
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if train.schedule == "cosine":
+            span = max(1, total_steps - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / span)))
+        return 1.0
+
+    return f
+
+
+def global_batch_size(cfg: TrialConfig, n_train: int) -> int:
+    """Samples drawn per step over all workers: `batch_size`, unless the training set is
+    smaller than one batch (then its one batch is trimmed to a multiple of the workers)."""
+    nw = cfg.scaling.num_workers
+    return cfg.batch_size if n_train >= cfg.batch_size else (n_train // nw) * nw
+
+
+def total_steps(cfg: TrialConfig, n_train: int) -> tuple[int, int]:
+    """(steps in the budget, steps per epoch) for this trial's data and global batch.
+
+    `{epochs: N}`: N * steps per epoch; `{steps: N}`: N; `{samples: N}`: the fewest steps
+    that draw at least N samples (ceil(N / global batch))."""
+    spe = D.steps_per_epoch(n_train, cfg.batch_size, cfg.scaling.num_workers)
+    if spe == 0:
+        raise D.DataError(
+            f"batch_size: {n_train} training samples cannot fill a batch over "
+            f"{cfg.scaling.num_workers} workers")
+    b = cfg.train.resolved_budget
+    if b.epochs is not None:
+        return b.epochs * spe, spe
+    if b.steps is not None:
+        return b.steps, spe
+    return math.ceil(b.samples / global_batch_size(cfg, n_train)), spe
+
+
+def loss_fn_for(loss: str, pair_targets: str = "negative", group: Any = None
+                ) -> Callable[..., torch.Tensor]:
+    """The global-batch contrastive loss `loss` ("sigmoid" or "softmax") as
+    `fn(img, txt, scale, bias, labels)`; `pair_targets` says how same-class pairs count
+    (labels are only passed on when they matter)."""
+
+    def loss_fn(img, txt, scale, bias, labels):
+        kw = {"group": group, "pair_targets": pair_targets,
+              "labels": labels if pair_targets != "negative" else None}
+        if loss == "sigmoid":
+            return sigmoid_loss(img, txt, scale, bias, **kw)
+        return softmax_loss(img, txt, scale, **kw)
+
+    return loss_fn
+
+
+def make_loss_fn(cfg: TrialConfig, group: Any) -> Callable[..., torch.Tensor]:
+    """The global-batch contrastive loss of the trial's variant."""
+    return loss_fn_for(cfg.loss, cfg.train.same_class_pairs, group)
+
+
+def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+               scheduler: Any, loss_fn: Callable[..., torch.Tensor], max_grad_norm: float | None,
+               autocast: Any) -> torch.Tensor:
+    """Forward, global-batch loss, backward, clip, update. Returns the loss (on device,
+    unsynchronised: reading it forces a host sync, which the sequencer does only when it
+    logs)."""
+    with autocast():
+        img, txt, scale, bias = model(batch["pixel_values"], batch["input_ids"],
+                                      batch.get("attention_mask"), batch.get("image_embeds"))
+    loss = loss_fn(img.float(), txt.float(), scale.float(), bias.float(), batch["labels"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """What `train.precision` means on `device`: `fp32` is plain float32; `bf16` autocasts
+    to bfloat16 on any device (on the CPU only because it was asked for); `auto` is bf16 on
+    a CUDA device that supports it and fp32 elsewhere, the CPU included."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    return precision
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
+    """A factory of the autocast context of a resolved precision (bf16 autocast, or none)."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
