@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
@@ -42,6 +43,7 @@ from sweeper.sink import atomic_write_bytes
 _DPI = 110
 _ZERO_SHOT = {"color": "black", "linestyle": ":", "linewidth": 1.5}
 _SAME_BASELINE = 0.1  # points: zero-shot figures closer than this are drawn as one line
+_LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1.0}
 
 
 def _new_figure(width: float = 6.4, height: float = 4.2) -> Figure:
@@ -282,8 +284,9 @@ def parallel_coordinates(trials: pd.DataFrame, metric: str = METRIC) -> Figure |
     """One line per finished trial across every varying grid axis, ending at its final
     val top-1 and coloured by it, so that the axis whose levels sort the colours is the
     one that mattered. Every grid axis is a set of levels on evenly spaced ticks (numbers
-    ascending, names in grid order); the last axis is val top-1 with the mean zero-shot
-    (step-0) accuracy marked. The best trials are drawn last, on top.
+    ascending, names in grid order), the lines through one level fanned out a little in
+    order of their val top-1; the last axis is val top-1 with the mean zero-shot (step-0)
+    accuracy marked. The best trials are drawn last, on top.
 
     None unless the grid varies two or more axes and some trial has finished.
     """
@@ -302,7 +305,13 @@ def parallel_coordinates(trials: pd.DataFrame, metric: str = METRIC) -> Figure |
     ys = np.empty((len(done), len(axes) + 1))
     for j, (axis, values) in enumerate(zip(axes, levels, strict=True)):
         where = {v: i / (len(values) - 1) for i, v in enumerate(values)}
-        ys[:, j] = [where.get(py(v), 0.0) for v in done[axis]]
+        base = pd.Series([where.get(py(v), 0.0) for v in done[axis]])
+        # Fanned out by rank (`done` is sorted by score), a level's bundle shows its range
+        # of colours rather than only the line drawn last.
+        rank = base.groupby(base).cumcount().to_numpy()
+        size = base.groupby(base).transform("size").to_numpy()
+        half_width = min(0.04, 0.25 / (len(values) - 1))
+        ys[:, j] = base.to_numpy() + (rank / np.maximum(size - 1, 1) - 0.5) * 2 * half_width
     ys[:, -1] = (scores - lo) / span
     xs = np.arange(len(axes) + 1, dtype=float)
     fig = _new_figure(max(6.4, 1.7 * (len(axes) + 1)), 4.4)
@@ -320,7 +329,7 @@ def parallel_coordinates(trials: pd.DataFrame, metric: str = METRIC) -> Figure |
         ax.axvline(j, color="black", linewidth=0.8)
         for i, v in enumerate(values):
             ax.text(j - 0.03, i / (len(values) - 1), fmt_value(v), ha="right", va="center",
-                    fontsize="small")
+                    fontsize="small", bbox=_LABEL_BOX)
     last = len(axes)
     ax.axvline(last, color="black", linewidth=0.8)
     for tick in np.linspace(lo, hi, 5):
@@ -338,10 +347,9 @@ def parallel_coordinates(trials: pd.DataFrame, metric: str = METRIC) -> Figure |
     ax.set_yticks([])
     for side in ("left", "right", "top", "bottom"):
         ax.spines[side].set_visible(False)
-    colourbar = fig.colorbar(lines, ax=ax, pad=0.08)
-    colourbar.set_label("final val top-1 (%)")
-    if zero.size:
-        colourbar.ax.axhline(zero.mean(), color="red", linewidth=2)
+    # A mappable of its own: the colour bar must not take the lines' transparency.
+    colours = ScalarMappable(norm=lines.norm, cmap=lines.get_cmap())
+    fig.colorbar(colours, ax=ax, pad=0.08).set_label("final val top-1 (%)")
     ax.set_title(f"which axis mattered: one line per trial ({len(done)}), coloured by val top-1")
     return fig
 

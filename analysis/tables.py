@@ -195,6 +195,10 @@ def lead(column: Column) -> Lead | None:
     return Lead(frozenset(top), runner_up, tests.get(runner_up), frozenset(ties))
 
 
+def _fmt_p(p: float) -> str:
+    return f"p = {p:.2g}" if p >= 0.001 else "p < 0.001"
+
+
 def lead_line(table: Table) -> str | None:
     """One line per comparison table: does each column's best cell lead the runner-up by
     more than the seed-to-seed spread? None when no column has two seeds to test."""
@@ -209,7 +213,7 @@ def lead_line(table: Table) -> str | None:
         parts.append(
             f"{col.label}: {' / '.join(table.row_labels[best])} leads "
             f"{' / '.join(table.row_labels[other])} by {gap:.2f} points, "
-            f"p = {ld.test.p:.2g}, {verdict}"
+            f"{_fmt_p(ld.test.p)}, {verdict}"
         )
     if not parts:
         return None

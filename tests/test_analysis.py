@@ -718,6 +718,8 @@ def test_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert any("image/png" in o.get("data", {}) for o in outputs)
     text = json.dumps([o.get("data", o.get("text", "")) for o in outputs])
     assert "siglip (reference)" in text
+    assert "share of variance (eta\\u00b2)" in text  # json.dumps escapes the ²
+    assert "Best vs runner-up" in text
     assert (exp / "trials.parquet").is_file()
 
 
