@@ -100,14 +100,19 @@ def _device_time(trials: pd.DataFrame) -> str:
 
 
 def _section(
-    title: str, tables: list[T.Table], plots: dict[str, Path], out: Path, note: str = ""
+    title: str,
+    tables: list[T.Table],
+    plots: dict[str, Path],
+    out: Path,
+    note: str = "",
+    leads: dict[str, str | None] | None = None,
 ) -> list[str]:
     lines = [f"## {title}", ""]
     if note:
         lines += [note, ""]
     for table in tables:
         lines += [T.render(table), ""]
-        if table.compare and (lead := T.lead_line(table)) is not None:
+        if (lead := (leads or {}).get(table.key)) is not None:
             lines += [lead, ""]
         if table.key in plots:
             lines += [_image(plots[table.key], out, table.key), ""]
@@ -171,7 +176,8 @@ def build_markdown(
     lines = _header(exp, trials)
     grid = T.grid_tables(trials)
     compared = [*grid, *(t for ts in axis_tables.values() for t in ts)]
-    if any(T.lead_line(t) is not None for t in compared):
+    leads = {t.key: T.lead_line(t) for t in compared}
+    if any(lead is not None for lead in leads.values()):
         lines += [_TIE_LEGEND, ""]
     if any(c.reference for ts in axis_tables.values() for t in ts for c in t.columns):
         lines += [_REFERENCE_NOTE, ""]
@@ -191,11 +197,12 @@ def build_markdown(
             plots,
             out,
             note="Val top-1 (%); rows: batch size, columns: number of training classes (k).",
+            leads=leads,
         )
     for axis, tables in axis_tables.items():
         if tables:
             title = _AXIS_SECTIONS.get(axis, f"Val top-1 by {T.axis_label(axis)}")
-            lines += _section(title, tables, plots, out)
+            lines += _section(title, tables, plots, out, leads=leads)
     lines += _section(
         "Zero-shot baseline vs final",
         [T.zero_shot_table(trials)],

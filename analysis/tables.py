@@ -521,13 +521,13 @@ def trial_selection(trials: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     done = finished(trials)
     done = done[done[METRIC].notna()]
     keys, unit = varying(trials, group_axes(trials)), "setting"
-    n_groups = len(combos(done, keys)) if keys else 1
-    if 2 * n_groups > budget:
+    groups = combos(done, keys) if not done.empty else []
+    if 2 * len(groups) > budget:
         keys, unit = (["variant"] if "variant" in keys else []), "variant"
-        n_groups = len(combos(done, keys)) if keys else 1
-    per = max(1, min(_EXTREMES, budget // (2 * max(n_groups, 1))))
+        groups = combos(done, keys) if not done.empty else []
+    per = max(1, min(_EXTREMES, budget // (2 * max(len(groups), 1))))
     picks = []
-    for combo in combos(done, keys) if not done.empty else []:
+    for combo in groups:
         ranked = done[mask(done, combo)].sort_values(METRIC, ascending=False, kind="stable")
         picks += [ranked.head(per), ranked.iloc[max(per, len(ranked) - per) :]]
     best_worst = pd.concat(picks).iloc[:budget] if picks else done.iloc[:0]
