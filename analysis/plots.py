@@ -231,7 +231,8 @@ def learning_curves(
             fontsize="x-small" if len(labels) > _MAX_LINES else "small",
         )
     else:
-        title += f" ({len(labels) - 1} settings a panel, in grid order: dark to light)"
+        most = max(len(lines) for lines in panels.values())
+        title += f" (up to {most} settings a panel, in grid order: dark to light)"
     fig.suptitle(title + (f": {fmt_value(variant)}" if variant is not None else ""))
     fig.tight_layout()
     return fig

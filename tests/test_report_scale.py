@@ -1,6 +1,7 @@
 """A report that stays readable at 10,000 trials: the quickstart's 8 settings x 1,250 seeds,
 each trial folder with the minimal files (status.json, a two-line history.jsonl), a few of
-them errored or diverged; and the all-trials table of a mid-sized sweep with many failures.
+them errored or diverged; the all-trials table of a mid-sized sweep with many failures;
+and learning curves of too many settings for a legend.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+import analysis
+from analysis import plots as P
 from analysis import tables as T
 from analysis.report import write_report
 from tests.test_report_compare import ERROR, links, table_after, write_experiment
@@ -97,3 +100,16 @@ def test_all_trials_table_with_many_failures(tmp_path: Path) -> None:
     section = report[report.index("## Errored trials") : report.index("## All trials")]
     (line,) = [ln for ln in section.splitlines() if ln.startswith("- ")]
     assert re.fullmatch(rf"- 60 trials: {re.escape(ERROR)} \(`[^`]+`, `[^`]+`, `[^`]+`, …\)", line)
+
+
+def test_learning_curves_drop_a_legend_of_many_settings(tmp_path: Path) -> None:
+    lrs = [round(1e-5 * (1 + i), 8) for i in range(40)]
+    grid = {"variant": ["siglip"], "batch_size": [8, 64], "n_train_classes": [2], "train.lr": lrs}
+    exp = write_experiment(tmp_path, "lrs", grid, lambda c: 0.5 + c["train"]["lr"] * 1000)
+    trials, history = analysis.load(exp)
+    fig = P.learning_curves(history, trials, "siglip")
+    assert len(fig.axes) == 2  # a panel per batch size, 40 learning rates in each
+    assert [len(ax.get_lines()) for ax in fig.axes] == [41, 41]  # + the zero-shot line
+    assert fig.legends == [] and "up to 40 settings a panel" in fig.get_suptitle()
+    few = P.learning_curves(history[history["train__lr"] <= lrs[3]], trials, "siglip")
+    assert len(few.legends) == 1
