@@ -180,9 +180,10 @@ def same_model(pretrained: Any) -> bool:
     """True when `pretrained` (a trial's `model.pretrained`) is the reference's model.
 
     That is the hub id `google/siglip-base-patch16-224` (case aside), or a local directory
-    whose config.json has `model_type: siglip` and a vision tower with hidden size 768,
-    patch 16 and image size 224, all stated explicitly (a config that leaves them to the
-    library's defaults does not count). Presets such as `tiny` and other hub ids do not.
+    (read from where the analysis runs; one it cannot read does not count) whose config.json
+    has `model_type: siglip` and a vision tower with hidden size 768, patch 16 and image
+    size 224, all stated explicitly (a config that leaves them to the library's defaults
+    does not count). Presets such as `tiny` and other hub ids do not.
     """
     if not isinstance(pretrained, str) or not pretrained:
         return False
