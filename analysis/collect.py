@@ -194,7 +194,6 @@ class TuneTrial:
     """One of Tune's own trial folders at the top of the experiment directory."""
 
     name: str
-    params: dict[str, Any]
     error: str | None
     results: list[dict[str, Any]]
 
@@ -273,20 +272,12 @@ def _read_tune_folders(store: Store, trial_ids: Iterable[str]) -> list[TuneTrial
     for name in store.list_dirs():
         if name not in ids:
             continue
-        params = store.read_json(name, "params.json")
         error = store.read_text(name, "error.txt")
         has_result = store.is_file(name, "result.json")
-        if params is None and error is None and not has_result:
+        if error is None and not has_result and not store.is_file(name, "params.json"):
             continue  # not a trial folder (checkpoints, logs, ...)
         results = store.read_jsonl(name, "result.json") if has_result else []
-        out.append(
-            TuneTrial(
-                name=name,
-                params=params if isinstance(params, dict) else {},
-                error=error,
-                results=results,
-            )
-        )
+        out.append(TuneTrial(name=name, error=error, results=results))
     return out
 
 
