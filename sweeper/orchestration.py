@@ -47,6 +47,7 @@ from sweeper.spec import ScalingSpec, SpecError, SweepSpec, TrialConfig, resolve
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Start attempts of a worker group that cannot get its resources: the first and one retry.
 START_RETRIES = 1
 # Environment of every Ray worker process of a sweep (drivers, controllers, workers).
@@ -193,9 +194,11 @@ def describe_failure(e: BaseException, sc: ScalingSpec) -> str:
 
 
 def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
-                 cache_dir: str | None, model_paths: dict[str, str]) -> None:
+                 cache_dir: str | None, model_paths: dict[str, str], verbose: int = 1) -> None:
     """One Tune trial: resolve its config (its model resolved before the sweep, in
-    `model_paths`), run its TorchTrainer, record how it ended."""
+    `model_paths`), run its TorchTrainer, record how it ended. Below `verbose` 2, Ray
+    Train's own INFO lines (state transitions, worker-group starts, each checkpoint) stay
+    in its log files under the Ray session and off the console."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
@@ -234,6 +237,8 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
             name=cfg.trial_id,
             storage_path=str(Path(experiment_dir) / "trials"),
             callbacks=[TuneReportCallback()],
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose >= 2
+                                                   else "WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep,
                 checkpoint_score_attribute="val_top1",
@@ -275,9 +280,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(address: str | None, dashboard_host: str = "127.0.0.1") -> dict[str, Any]:
+def init_ray(address: str | None, dashboard_host: str = "127.0.0.1",
+             verbose: int = 1) -> dict[str, Any]:
     """Join a cluster (`address`, or RAY_ADDRESS) or start a local one with its dashboard
-    bound to `dashboard_host` (loopback unless told otherwise).
+    bound to `dashboard_host` (loopback unless told otherwise). Below `verbose` 2 every Ray
+    process of the sweep drops the known-harmless messages (`sweeper.console`).
 
     Every Ray process of the sweep is told which cluster it belongs to (RAY_ADDRESS, or the
     dashboard's URL as RAY_API_SERVER_ADDRESS): Ray's state API, which Train's placement
@@ -291,6 +298,12 @@ def init_ray(address: str | None, dashboard_host: str = "127.0.0.1") -> dict[str
     address = cluster_address(address)
     if ray.is_initialized():
         return {"dashboard_url": None, "local": False}
+    quiet: dict[str, Any] = {}
+    if verbose < 2:
+        quiet = {"logging_level": logging.WARNING}  # the CLI prints its own dashboard line
+        setup_hook = {"worker_process_setup_hook": "sweeper.console.quiet_process"}
+    else:
+        setup_hook = {}
     if address:
         import sweeper
 
@@ -300,9 +313,9 @@ def init_ray(address: str | None, dashboard_host: str = "127.0.0.1") -> dict[str
                 env_vars["RAY_ADDRESS"] = address
             # Ship this package to every node, so that all of them run the same sweeper
             # code (its dependencies must be installed there).
-            env = {"env_vars": env_vars,
+            env = {"env_vars": env_vars, **setup_hook,
                    "py_modules": [str(Path(sweeper.__file__).parent)]}
-            ctx = ray.init(address=address, runtime_env=env, log_to_driver=True)
+            ctx = ray.init(address=address, runtime_env=env, log_to_driver=True, **quiet)
         except ConnectionError as e:
             raise SpecError(f"--address {address}: {_one_line(str(e), 300)}") from None
         except Exception as e:
@@ -318,11 +331,14 @@ def init_ray(address: str | None, dashboard_host: str = "127.0.0.1") -> dict[str
         host = "127.0.0.1" if dashboard_host in ("0.0.0.0", "::", "localhost") \
             else dashboard_host
         env_vars["RAY_API_SERVER_ADDRESS"] = f"http://{host}:{port}"
+        # No node of a local Ray is ever preempted: its watcher would be one more process
+        # per trial (and a line of noise).
+        env_vars.setdefault(PREEMPTION_ENV, os.environ.get(PREEMPTION_ENV, "0"))
         # address="local": a new Ray of our own even when `ray start` left a cluster address
         # in /tmp/ray (ray.init() would join that one).
         ctx = ray.init(address="local", include_dashboard=True, dashboard_host=dashboard_host,
-                       dashboard_port=port, runtime_env={"env_vars": env_vars},
-                       log_to_driver=True)
+                       dashboard_port=port, runtime_env={"env_vars": env_vars, **setup_hook},
+                       log_to_driver=True, **quiet)
         local = True
     url = getattr(ctx, "dashboard_url", None)
     return {"dashboard_url": f"http://{url}" if url and "://" not in url else url,
@@ -377,10 +393,16 @@ def _path_exists(path: str) -> bool:
     return os.path.exists(path)
 
 
-def make_sink_callback(exp: Path, name_of: Any) -> Any:
+def make_sink_callback(exp: Path, name_of: Any, echo: bool = False) -> Any:
     """A Tune callback (driver process) that records in status.json what only Tune knows:
-    trials stopped early by the scheduler, and trials whose driver died."""
+    trials stopped early by the scheduler, and trials whose driver died. With `echo` it
+    prints one line when a trial starts and one when it ends (its val top-1, or the first
+    line of its error)."""
     from ray.tune import Callback
+
+    def say(line: str) -> None:
+        if echo:
+            print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
     class SinkCallback(Callback):
         def __init__(self) -> None:
@@ -390,24 +412,60 @@ def make_sink_callback(exp: Path, name_of: Any) -> Any:
             tid = name_of(trial)
             return tid, TrialSink(trial_dir(exp, tid))
 
+        def on_trial_start(self, iteration: int, trials: list, trial: Any,
+                           **info: Any) -> None:
+            say(f"trial {name_of(trial)} started")
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any,
                               **info: Any) -> None:
             tid, sink = self._sink(trial)
-            if sink.status().get("status") in ("running", "pending", None):
+            st = sink.status()
+            if st.get("status") in ("running", "pending", None):
                 # A driver returns only after its workers wrote how the trial ended: this
                 # one was stopped by the scheduler (ASHA).
-                sink.update_status(status="terminated", stopped_early=True,
-                                   ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                st = sink.update_status(status="terminated", stopped_early=True,
+                                        ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
                 self.stopped_early.append(tid)
+            say(f"trial {tid} {_ending(st, trial.last_result or {})}")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any,
                            **info: Any) -> None:
-            _, sink = self._sink(trial)
-            if sink.status().get("status") != "errored":
-                sink.update_status(status="errored", error=_tune_error(trial),
-                                   ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            tid, sink = self._sink(trial)
+            st = sink.status()
+            if st.get("status") != "errored":
+                st = sink.update_status(status="errored", error=_tune_error(trial),
+                                        ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            say(f"trial {tid} errored: {first_error_line(st.get('error')) or '?'}")
 
     return SinkCallback()
+
+
+def _ending(status: dict[str, Any], last: dict[str, Any]) -> str:
+    """How a trial that Tune saw complete ended, in a few words."""
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    state = status.get("status") or "terminated"
+    if state == "diverged":
+        return f"diverged: {first_error_line(status.get('error')) or 'non-finite loss'}"
+    early = " (stopped early)" if status.get("stopped_early") else ""
+    return (f"{state}{early}: val top-1 {pct(last.get('val_top1'))}, best "
+            f"{pct(status.get('best_val_top1'))} at step {status.get('best_step', '-')}")
+
+
+def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
+    """At `verbose` 1, Tune's legacy status table every minute (and at the end), with the
+    axes that vary and a few metrics, instead of the new engine's per-trial boxes."""
+    if verbose != 1:
+        return None
+    from ray.tune import CLIReporter
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new engine ignores reporters
+    varying = [k for k, v in grid_axes(spec).items() if len(v) > 1]
+    return CLIReporter(parameter_columns=varying or None,
+                       metric_columns={"step": "step", "train_loss": "loss",
+                                       "val_top1": "val_top1"},
+                       max_report_frequency=60, max_progress_rows=20, sort_by_metric=False)
 
 
 def _tune_error(trial: Any) -> str:
@@ -462,7 +520,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
 
     exp = experiment_dir(spec)
     result = SweepResult(exp)
-    info = init_ray(address, dashboard_host)
+    info = init_ray(address, dashboard_host, verbose)
     try:
         print(dashboard_banner(info, dashboard_host), flush=True)
         fit = check_fits(spec, cluster_nodes())
@@ -488,7 +546,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
         trainable = tune.with_resources(
             tune.with_parameters(trial_driver, spec_json=spec.model_dump_json(),
                                  experiment_dir=str(exp), cache_dir=cache_dir,
-                                 model_paths=model_paths),
+                                 model_paths=model_paths, verbose=verbose),
             {"cpu": DRIVER_CPU},
         )
         axes = grid_axes(spec)
@@ -497,7 +555,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
         def name_of(trial: Any) -> str:
             return trial_id_for({k: trial.config[k] for k in keys})
 
-        sink_cb = make_sink_callback(exp, name_of)
+        sink_cb = make_sink_callback(exp, name_of, echo=verbose == 1)
+        reporter = _progress_reporter(spec, verbose)
         tune_config = tune.TuneConfig(
             max_concurrent_trials=concurrency,
             trial_name_creator=name_of,
@@ -511,14 +570,16 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
                                        restart_errored=retry_errored)
             # This run's concurrency, scheduler and callbacks, not the first run's (Ray 2.60
             # keeps them on the restored TunerInternal).
-            ray_compat.set_restored_tuner_config(tuner, tune_config, callbacks, verbose)
+            ray_compat.set_restored_tuner_config(tuner, tune_config, callbacks, verbose,
+                                                 reporter)
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space={k: tune.grid_search(v) for k, v in axes.items()},
                 tune_config=tune_config,
                 run_config=tune.RunConfig(name=spec.name, storage_path=str(exp.parent),
-                                          callbacks=callbacks, verbose=verbose),
+                                          callbacks=callbacks, verbose=verbose,
+                                          progress_reporter=reporter),
             )
         _install_interrupt_handlers(result)
         tuner.fit()

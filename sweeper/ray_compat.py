@@ -53,8 +53,9 @@ def canonical_address(address: str) -> str:
 
 
 def set_restored_tuner_config(tuner: Any, tune_config: Any, callbacks: list[Any],
-                              verbose: int) -> None:
-    """Give a `Tuner.restore(...)`d tuner this run's TuneConfig, callbacks and verbosity.
+                              verbose: int, progress_reporter: Any = None) -> None:
+    """Give a `Tuner.restore(...)`d tuner this run's TuneConfig, callbacks, verbosity and
+    progress reporter.
 
     Stands in for: `Tuner.restore(..., tune_config=..., run_config=...)`, which Ray 2.60
     does not take (only the trainable and `param_space` may be re-specified). Without it a
@@ -66,3 +67,4 @@ def set_restored_tuner_config(tuner: Any, tune_config: Any, callbacks: list[Any]
     inner._tune_config = tune_config
     inner._run_config.callbacks = callbacks
     inner._run_config.verbose = verbose
+    inner._run_config.progress_reporter = progress_reporter

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new experiment (suffixed name) if the spec changed")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="interface the local dashboard binds to (default loopback only)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print everything Ray, Tune and transformers say (default: their "
+                        "known-harmless messages are dropped)")
     p.add_argument("--cache-dir", default=None,
                    help="where the tiny model and synthetic data are cached "
                         "(default: $SWEEPER_CACHE or ~/.cache/sweeper)")
@@ -81,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.verbose:
+        from sweeper.console import quiet_process
+
+        quiet_process()
+        os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' "Writing model shards"
     overrides = list(args.overrides)
     if args.storage:
         overrides.append(f"storage={args.storage}")
@@ -117,7 +126,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         result = run_sweep(spec, address=args.address, retry_errored=args.retry_errored,
                            cache_dir=args.cache_dir, dashboard_host=args.dashboard_host,
-                           model_paths=model_paths)
+                           model_paths=model_paths, verbose=2 if args.verbose else 1)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

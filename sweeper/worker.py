@@ -341,6 +341,10 @@ def _with_checkpoint(cfg: TrialConfig) -> TrialConfig:
     if cfg.model_path and Path(cfg.model_path).is_dir():
         return cfg
     name = cfg.model.pretrained
+    if name in PRESETS and cfg.model_path:
+        raise ValueError(f"model.pretrained: the {name!r} checkpoint built before the sweep, "
+                         f"{cfg.model_path}, is missing on this node (put the cache on a "
+                         "shared filesystem: --cache-dir)")
     if name in PRESETS:
         raise ValueError(f"model.pretrained: preset {name!r} was not built before the trial "
                          "(sweeper.prepare.prepare_inputs builds it)")

@@ -13,6 +13,11 @@ import yaml
 from tests.conftest import base_doc
 
 ROOT = Path(__file__).resolve().parents[1]
+# Messages of Ray and transformers that say nothing about the sweep (sweeper.console).
+NOISE = ("must be `None` or an integer within the vocabulary", "requires torchvision",
+         "RayDeprecationWarning", "PreemptionWatcher", "started with configuration",
+         "[State Transition]", "Exception ignored in", "Token authentication is enabled",
+         "Checkpoint successfully created", "Setting up process group")
 
 
 def run_cli(spec_path: Path, cache_dir: Path, *extra: str, timeout: int = 600):
@@ -32,6 +37,13 @@ def test_two_trial_sweep_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     spec.write_text(yaml.safe_dump(doc))
     r = run_cli(spec, cache_dir)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    console = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    for noise in NOISE:
+        assert not [ln for ln in console if noise in ln], noise
+    assert len(console) <= 60, "\n".join(console)
+    assert sum(ln.endswith(" started") and "] trial " in ln for ln in console) == 2
+    assert sum("terminated: val top-1 " in ln for ln in console) == 2
+    assert any("samples/s ETA" in ln for ln in console)  # per-epoch progress
     exp = tmp_path / "results" / "t"
     assert f"trials: {exp / 'trials.parquet'}" in r.stdout
     trials = pd.read_parquet(exp / "trials.parquet")
@@ -48,7 +60,10 @@ def test_two_trial_sweep_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     assert "siglit" in report and "siglip" in report
     # Rerunning the same command resumes a finished experiment: nothing is trained again.
     before = (exp / "trials" / trials["trial_id"][0] / "history.jsonl").read_text()
-    r2 = run_cli(spec, cache_dir)
+    r2 = run_cli(spec, cache_dir, "--verbose")
     assert r2.returncode == 0, r2.stderr[-3000:]
+    # --verbose: Tune's own output engine (its experiment box and results line).
+    assert "View detailed results here" in r2.stdout
+    assert "View detailed results here" not in r.stdout
     assert (exp / "trials" / trials["trial_id"][0] / "history.jsonl").read_text() == before
     assert len(pd.read_parquet(exp / "trials.parquet")) == 2
