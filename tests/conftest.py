@@ -37,3 +37,16 @@ def base_doc(tmp_path: Path, **overrides: object) -> dict:
     }
     doc.update(overrides)
     return doc
+
+
+def table_after(report: str, heading: str) -> list[list[str]]:
+    """Cells of the first markdown table after `heading` in a report (header row included)."""
+    lines = report[report.index(heading) :].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        if not ln.startswith("|---"):
+            rows.append([c.strip() for c in ln.strip("|").split(" | ")])
+    return rows

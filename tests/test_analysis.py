@@ -37,6 +37,7 @@ from analysis.report import main, write_report
 from sweeper.grid import grid_axes
 from sweeper.sink import first_error_line
 from sweeper.spec import spec_fingerprint, trial_configs, validate
+from tests.conftest import table_after
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = [f"n{i:08d}" for i in range(1, 13)]  # 12 eval classes
@@ -276,19 +277,6 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values) * 100:.2f} ({len(values)})"
 
 
-def _table_after(report: str, heading: str) -> list[list[str]]:
-    """Cells of the first markdown table after `heading` (header row included)."""
-    lines = report[report.index(heading) :].splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
-    rows = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        if not ln.startswith("|---"):
-            rows.append([c.strip() for c in ln.strip("|").split(" | ")])
-    return rows
-
-
 # --------------------------------------------------------------------------- trials
 
 
@@ -398,7 +386,7 @@ def test_report_cells_best_and_reference(built: tuple[Path, dict[str, Path]]) ->
     report = paths["report"].read_text()
 
     # Batch-size table at 10 classes: rows 8 and 64, one column per variant + reference.
-    rows = _table_after(report, "### train classes = 10")
+    rows = table_after(report, "### train classes = 10")
     assert rows[0] == [
         "batch size",
         "siglip",
@@ -418,17 +406,17 @@ def test_report_cells_best_and_reference(built: tuple[Path, dict[str, Path]]) ->
     assert [cells["8"][3], cells["64"][3]] == ["**85.56**", "80.74"]
 
     # Train-classes table at batch 64 matches the reference classes study.
-    rows = _table_after(report, "### batch size = 64")
+    rows = table_after(report, "### batch size = 64")
     assert rows[0][0] == "train classes" and rows[0][2] == "siglip (reference)"
     cells = {r[0]: r[1:] for r in rows[1:]}
     assert cells["2"][0].strip("*") == _cell(_expected_values("siglip", 64, 2))
     assert [cells["2"][1], cells["10"][1]] == ["80.60", "**89.82**"]
     assert [cells["2"][3], cells["10"][3]] == ["79.82", "**80.30**"]
     # At batch 8 no study matches: no reference column.
-    assert "reference" not in " ".join(_table_after(report, "### batch size = 8")[0])
+    assert "reference" not in " ".join(table_after(report, "### batch size = 8")[0])
 
     # Batch size × classes table per variant.
-    rows = _table_after(report, "### variant = siglit")
+    rows = table_after(report, "### variant = siglit")
     assert rows[0] == ["batch size", "k=2", "k=10"]
     assert rows[1][2].strip("*") == _cell(_expected_values("siglit", 8, 10))
 
@@ -449,14 +437,14 @@ def test_report_cells_best_and_reference(built: tuple[Path, dict[str, Path]]) ->
 def test_zero_shot_and_seen_unseen_tables(built: tuple[Path, dict[str, Path]]) -> None:
     _, paths = built
     report = paths["report"].read_text()
-    rows = _table_after(report, "## Zero-shot baseline vs final")
+    rows = table_after(report, "## Zero-shot baseline vs final")
     assert rows[0][:3] == ["variant", "batch size", "train classes"]
     row = next(r for r in rows if r[:3] == ["siglit", "64", "10"])
     finals = _expected_values("siglit", 64, 10)
     assert row[3].strip("*") == _cell([zero_shot(10)] * len(finals))
     assert row[4].strip("*") == _cell(finals)
     assert row[5].strip("*") == _cell([f - zero_shot(10) for f in finals])
-    rows = _table_after(report, "## Seen vs unseen classes")
+    rows = table_after(report, "## Seen vs unseen classes")
     row = next(r for r in rows if r[:3] == ["siglip", "8", "2"])
     finals = _expected_values("siglip", 8, 2)
     assert row[3].strip("*") == _cell([f + 0.05 for f in finals])
@@ -501,7 +489,7 @@ def test_extra_axis_single_seed_and_text_source(extra: tuple[Path, dict[str, Pat
     assert "train__lr" in pq.read_table(paths["history"]).column_names
 
     report = paths["report"].read_text()
-    rows = _table_after(report, "## Val top-1 by text source")
+    rows = table_after(report, "## Val top-1 by text source")
     assert rows[0] == ["text source", "siglip", "siglip (reference)"]
     cells = {r[0]: r[1:] for r in rows[1:]}
     v = final_top1("siglip", "captions", 64, 10, 0, 3e-5)  # the first table: lr 3e-05

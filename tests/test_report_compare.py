@@ -27,7 +27,9 @@ from analysis.importance import importance
 from analysis.plots import axis_plot, learning_curves, parallel_coordinates
 from analysis.report import write_report
 from analysis.stats import betainc, eta_squared, t_sf2, welch
-from sweeper.spec import grid_axes, spec_fingerprint, trial_configs, validate
+from sweeper.grid import grid_axes
+from sweeper.spec import spec_fingerprint, trial_configs, validate
+from tests.conftest import table_after
 
 ZERO_SHOT = 0.25
 WALL_S = 36.0
@@ -105,19 +107,6 @@ def write_experiment(
         ]
         (tdir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return exp
-
-
-def table_after(report: str, heading: str) -> list[list[str]]:
-    """Cells of the first markdown table after `heading` (header row included)."""
-    lines = report[report.index(heading) :].splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
-    rows = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        if not ln.startswith("|---"):
-            rows.append([c.strip() for c in ln.strip("|").split(" | ")])
-    return rows
 
 
 def links(report: str) -> list[str]:
