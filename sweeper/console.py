@@ -31,6 +31,10 @@ HARMLESS: tuple[tuple[str, str], ...] = (
     # The CLI prints its own dashboard line and says how to get the token.
     ("ray._private.authentication.authentication_token_setup",
      r"^Token authentication is enabled for this Ray cluster"),
+    # Ray Train's controller asks the autoscaler for a trial's resources; on a busy machine
+    # the request times out now and then, which Ray itself calls "safe to ignore".
+    ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+     r"^Failed to send resource request for .* it's safe to ignore this error"),
     # Tune's traceback of a failed trial wraps the worker's, which Ray Train prints itself;
     # the CLI prints the error's first line, and status.json keeps the whole of it.
     ("ray.tune.execution.tune_controller", r"^Trial task failed for trial "),
