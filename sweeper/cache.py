@@ -459,7 +459,7 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
         out = TrialInputs(CachedDataset(td.train, stores["train"], train_rows), collate,
                           wrap_val=wrap_val, kind="images")
     out.stores = {s: str(st.dir) for s, st in stores.items()}
-    log.info("cache: %s of %s ready in %.1fs (%s)", out.kind, cfg.trial_id, time.time() - t0,
+    log.debug("cache: %s of %s ready in %.1fs (%s)", out.kind, cfg.trial_id, time.time() - t0,
              ", ".join(f"{s}={Path(d).name}" for s, d in out.stores.items()))
     return out
 

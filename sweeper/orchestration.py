@@ -454,7 +454,7 @@ def _ending(status: dict[str, Any], last: dict[str, Any]) -> str:
 
 
 def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
-    """At `verbose` 1, Tune's legacy status table every minute (and at the end), with the
+    """At `verbose` 1, Tune's legacy status table every two minutes (and at the end), with the
     axes that vary and a few metrics, instead of the new engine's per-trial boxes."""
     if verbose != 1:
         return None
@@ -465,7 +465,7 @@ def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
     return CLIReporter(parameter_columns=varying or None,
                        metric_columns={"step": "step", "train_loss": "loss",
                                        "val_top1": "val_top1"},
-                       max_report_frequency=60, max_progress_rows=20, sort_by_metric=False)
+                       max_report_frequency=120, max_progress_rows=20, sort_by_metric=False)
 
 
 def _tune_error(trial: Any) -> str:
