@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     gpu_like = args.gpu or args.cpu_dry_run
     if args.cpu_dry_run:
-        m, sizes, tb, args.repeats, args.steps = 4, [8, 16], 16, 1, 1
-        args.max_batch = 64
+        m, sizes, tb, args.repeats, args.steps = 2, [4, 8], 8, 1, 1
+        args.max_batch = 16
     elif args.gpu:
         m, sizes, tb = 256, [256, 512, 1024], 512
     else:
