@@ -76,7 +76,25 @@ def _header(exp: Experiment, trials: pd.DataFrame) -> list[str]:
     if "seed" in trials.columns:
         lines.append(f"- seeds (averaged over): {T.fmt_values(trials['seed'])}")
     lines.append(f"- {_device_time(trials)}")
+    micro = _micro_batched(trials)
+    if micro:
+        lines.append(f"- {micro}")
     return [*lines, "", _CONVENTIONS, ""]
+
+
+def _micro_batched(trials: pd.DataFrame) -> str | None:
+    """A line on the trials whose per-worker batch was split into micro-batches (one
+    micro-batch is the one-pass step), or None."""
+    if "micro_batch_size" not in trials:
+        return None
+    m = trials["micro_batch_size"].dropna()
+    per_worker = trials.loc[m.index, "batch_size"] // trials.loc[m.index, "num_workers"].fillna(1)
+    split = m[m < per_worker]
+    if split.empty:
+        return None
+    return (f"micro-batched: {len(split)} of {len(trials)} trials (`train.micro_batch_size` "
+            f"{T.fmt_values(split)}; the same loss over the global batch and the same "
+            "updates as one pass, one forward more)")
 
 
 def _hours(h: float) -> str:

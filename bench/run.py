@@ -33,6 +33,7 @@ BENCHES = [
     ("image_cache", "image_cache.py"),
     ("hot_loop", "hot_loop.py"),
     ("sweep_overhead", "sweep_overhead.py"),
+    ("large_batch", "large_batch.py"),
     ("loss_ring_vs_allgather", "loss_ring_vs_allgather.py"),
     ("data_pipeline", "data_pipeline.py"),
 ]
@@ -57,6 +58,10 @@ HEADLINE = [
     ("fastpoll_sweep_efficiency", ">= 0.8", "fastpoll_sweep_efficiency", 0.8),
     ("fastpoll_saves_s_per_trial", "(seconds)", None, None),
     ("worker_import_s", "(seconds)", None, None),
+    ("large_batch_peak_ratio", "(micro-batched / one pass)", None, None),
+    ("large_batch_micro_growth_4x", "about 1", None, None),
+    ("large_batch_time_ratio", "<= 1.4", None, None),
+    ("large_batch_time_ratio_cpu", "<= 1.4", None, None),
 ]
 LINE = re.compile(r"^([A-Za-z0-9_.\-]+): (.+)$")
 START = "<!-- figures:start -->"

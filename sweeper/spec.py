@@ -13,6 +13,7 @@ order Ray Tune's `grid_search` produces them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -134,6 +135,9 @@ class TrainSpec(_Strict):
     save_final: bool = False
     log_every_steps: Int = Field(50, ge=1)
     compile: bool = False
+    # Per worker: encode in slices of this many samples, loss over the whole global batch
+    micro_batch_size: Int | None = Field(None, ge=1)
+    gradient_checkpointing: bool = False  # Hugging Face's, on the towers that train
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainSpec:
@@ -505,6 +509,7 @@ def _check_cross_fields(spec: SweepSpec) -> None:
                 raise _validation_error(e, _loc_to_path(("variants", name, section))) from None
     for key, values in (g.model_extra or {}).items():
         _check_extra_axis(spec, key, values)
+    _check_micro_batches(spec)
     _check_feature_cache(spec)
     _check_scaling(spec)
     _check_grid_points(spec)
@@ -557,6 +562,24 @@ def _check_scaling(spec: SweepSpec) -> None:
             f"scaling.resources_per_worker.GPU: {gpu:g} of a GPU per worker could put two "
             f"of a trial's {sc.num_workers} ranks on one GPU, which NCCL refuses; use whole "
             "GPUs for multi-worker trials, or placement_strategy: STRICT_SPREAD")
+
+
+def _check_micro_batches(spec: SweepSpec) -> None:
+    """`train.micro_batch_size` (of train, a variant, or a grid axis, which wins) must divide
+    every per-worker batch `batch_size / num_workers`."""
+    g, nw = spec.grid, spec.scaling.num_workers
+    axis = (g.model_extra or {}).get("train.micro_batch_size")
+    for v in dict.fromkeys(g.variant):
+        over = spec.variants[v].train
+        micros = ([(f"grid.train.micro_batch_size[{i}]", m) for i, m in enumerate(axis)]
+                  if axis is not None else
+                  [(f"variants.{v}.train.micro_batch_size", over["micro_batch_size"])]
+                  if "micro_batch_size" in over else
+                  [("train.micro_batch_size", spec.train.micro_batch_size)])
+        for (key, m), (i, b) in itertools.product(micros, enumerate(g.batch_size)):
+            if m is not None and (b // nw) % int(m):
+                raise SpecError(f"{key}: {m} does not divide the per-worker batch "
+                                f"grid.batch_size[{i}]={b} / scaling.num_workers={nw} = {b // nw}")
 
 
 def _check_feature_cache(spec: SweepSpec) -> None:

@@ -9,12 +9,15 @@ imports this module's callers. Never imports Ray.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 from sweeper import data as D
 from sweeper.losses import sigmoid_loss, softmax_loss
@@ -119,24 +122,163 @@ def make_loss_fn(cfg: TrialConfig, group: Any) -> Callable[..., torch.Tensor]:
     return loss_fn_for(cfg.loss, cfg.train.same_class_pairs, group)
 
 
+def _forward(model: nn.Module, batch: dict[str, Any], autocast: Any
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with autocast():
+        return model(batch.get("pixel_values"), batch["input_ids"], batch.get("attention_mask"),
+                     batch.get("image_embeds"))
+
+
+def _update(optimizer: torch.optim.Optimizer, scheduler: Any,
+            max_grad_norm: float | None) -> None:
+    """Clip (the global norm, DDP-averaged gradients) and step optimizer and schedule."""
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+
+
 def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
                scheduler: Any, loss_fn: Callable[..., torch.Tensor], max_grad_norm: float | None,
                autocast: Any) -> torch.Tensor:
     """Forward, global-batch loss, backward, clip, update. Returns the loss (on device,
     unsynchronised: reading it forces a host sync, which the sequencer does only when it
     logs)."""
-    with autocast():
-        img, txt, scale, bias = model(batch["pixel_values"], batch["input_ids"],
-                                      batch.get("attention_mask"), batch.get("image_embeds"))
+    img, txt, scale, bias = _forward(model, batch, autocast)
     loss = loss_fn(img.float(), txt.float(), scale.float(), bias.float(), batch["labels"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    _update(optimizer, scheduler, max_grad_norm)
     return loss.detach()
+
+
+# The batch entries a step reads, each [b, ...] (or None); the rest are loop bookkeeping.
+_STEP_KEYS = ("pixel_values", "input_ids", "attention_mask", "image_embeds", "labels")
+
+
+def _micro_batches(batch: dict[str, Any], m: int) -> list[dict[str, Any]]:
+    """The step's inputs in consecutive slices of `m` rows (the last one shorter when `m`
+    does not divide the batch: a training set smaller than one batch)."""
+    parts = {k: torch.split(batch[k], m) for k in _STEP_KEYS if batch.get(k) is not None}
+    n = len(parts["input_ids"])
+    return [{k: v[i] for k, v in parts.items()} for i in range(n)]
+
+
+@dataclass
+class _RngState:
+    """The CPU and accelerator generator states before a micro-batch's first forward, so
+    that its second forward draws the same dropout masks (what `torch.utils.checkpoint`
+    does for its recomputation, with the same helpers)."""
+
+    cpu: torch.Tensor
+    devices: list[int]
+    states: list[torch.Tensor]
+    device_type: str
+
+    @classmethod
+    def capture(cls, tensors: list[torch.Tensor]) -> _RngState:
+        devices, states = get_device_states(*tensors)
+        return cls(torch.get_rng_state(), devices, states, tensors[0].device.type)
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """Run the body from this state; the generators continue afterwards as if it had
+        never run (they are where the first passes left them)."""
+        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
+            torch.set_rng_state(self.cpu)
+            set_device_states(self.devices, self.states, device_type=self.device_type)
+            yield
+
+
+def micro_batch_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+                     scheduler: Any, loss_fn: Callable[..., torch.Tensor],
+                     max_grad_norm: float | None, autocast: Any, micro_batch_size: int
+                     ) -> torch.Tensor:
+    """`train_step`, exactly, with at most `micro_batch_size` samples' activations alive:
+    the gradient cache of GradCache (Gao et al. 2021). Returns the loss like `train_step`.
+
+    1. Every micro-batch of this worker's `b` samples is encoded without a graph, its RNG
+       state kept: only the `[b, d]` embeddings stay.
+    2. The global-batch loss (`loss_fn`, collective over the workers as in `train_step`)
+       runs once on the detached embeddings, giving its gradients with respect to the
+       embeddings, the temperature and the bias: the same numbers `train_step`'s
+       backward sends into the towers.
+    3. Every micro-batch is encoded again with its graph, from its saved RNG state (the
+       same dropout), and back-propagated from its slice of the embedding gradients. The
+       parameter gradients add up to `train_step`'s, since they are linear in those. Under
+       DDP only the last micro-batch synchronises (`no_sync` before), and it also carries
+       the temperature/bias gradients, so they count once and are averaged like the rest.
+
+    A tower that does not train (a frozen vision tower, cached image features) is encoded
+    once: the second pass gets its embeddings from the first. Costs about one forward more
+    than `train_step` (a third more compute for the towers that train); a batch of one
+    micro-batch runs `train_step` itself."""
+    parts = _micro_batches(batch, micro_batch_size)
+    if len(parts) == 1:  # nothing to split: the one-pass step, without the extra forward
+        return train_step(model, batch, optimizer, scheduler, loss_fn, max_grad_norm, autocast)
+    enc = getattr(model, "module", model)  # the first pass needs no DDP (no gradients)
+    frozen_image = bool(getattr(enc, "freeze_vision", False)) or "image_embeds" in parts[0]
+    rng, imgs, txts = [], [], []
+    with torch.no_grad():
+        for mb in parts:
+            rng.append(_RngState.capture([mb["input_ids"]]))
+            img, txt, scale, bias = _forward(enc, mb, autocast)
+            imgs.append(img)
+            txts.append(txt)
+    img = torch.cat(imgs).float().requires_grad_(not frozen_image)
+    txt = torch.cat(txts).float().requires_grad_()
+    leaves = [img, txt, scale.detach().float().requires_grad_(scale.requires_grad),
+              bias.detach().float().requires_grad_(bias.requires_grad)]
+    loss = loss_fn(*leaves, batch["labels"])
+    wrt = [t for t in leaves if t.requires_grad]
+    grads = dict(zip(map(id, wrt), torch.autograd.grad(loss, wrt, allow_unused=True),
+                     strict=True))
+    g_img = grads[id(img)].split(micro_batch_size) if not frozen_image else None
+    g_txt = grads[id(txt)].split(micro_batch_size)
+    g_scale, g_bias = grads.get(id(leaves[2])), grads.get(id(leaves[3]))
+
+    optimizer.zero_grad(set_to_none=True)
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    for i, mb in enumerate(parts):
+        last = i == len(parts) - 1
+        if frozen_image:
+            mb = {**mb, "pixel_values": None, "image_embeds": imgs[i]}
+        # DDP decides at forward whether the backward all-reduces: both go inside no_sync.
+        with contextlib.nullcontext() if last else no_sync():
+            with rng[i].restored():
+                img_i, txt_i, scale_i, bias_i = _forward(model, mb, autocast)
+            pairs = [(txt_i, g_txt[i])]
+            if g_img is not None:
+                pairs.append((img_i, g_img[i]))
+            if last:
+                pairs += [(o, g) for o, g in ((scale_i, g_scale), (bias_i, g_bias))
+                          if g is not None]
+            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+    _update(optimizer, scheduler, max_grad_norm)
+    return loss.detach()
+
+
+def step_for(train: Any) -> Callable[..., torch.Tensor]:
+    """The step of `train` (a TrainSpec): `micro_batch_step` with `train.micro_batch_size`,
+    else `train_step`; both take `train_step`'s arguments."""
+    m = train.micro_batch_size
+    return functools.partial(micro_batch_step, micro_batch_size=m) if m else train_step
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Hugging Face's activation checkpointing (non-reentrant) on every encoder layer of
+    `model` (a PreTrainedModel): each layer keeps only its input and recomputes the rest in
+    backward, about one forward more for a fraction of the activations. A tower that does
+    not train runs in eval mode without gradients, where the layers skip it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not "
+                         "support activation checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

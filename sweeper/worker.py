@@ -37,13 +37,14 @@ from sweeper.sink import TrialSink
 from sweeper.spec import TrialConfig
 from sweeper.training import (
     autocast_for,
+    enable_gradient_checkpointing,
     global_batch_size,
     lr_lambda,
     make_loss_fn,
     param_groups,
     resolve_precision,
+    step_for,
     total_steps,
-    train_step,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def _initial_state() -> dict[str, Any]:
 
 @dataclass
 class _Sequencer:
-    """Everything around `train_step`: the loop over the budget, evaluations, reports,
+    """Everything around the train step: the loop over the budget, evaluations, reports,
     checkpoints, divergence and the final status. `st` is the loop state that a checkpoint
     saves and a resume restores."""
 
@@ -263,6 +264,8 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
     transform = D.ImageTransform.from_processor(processor.image_processor)
     td = D.build_trial_data(cfg.data, cfg.text_source, cfg.n_train_classes, cfg.seed,
                             transform, D.data_root(cfg.data, ctx.cache_dir))
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     enc = DualEncoder(model, cfg.loss, cfg.freeze_vision).to(device)
     ddp: nn.Module = enc
     if ctx.world_size > 1:
@@ -320,6 +323,8 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
     enc.train()
     if not resumed:
         seq.report(None, None)  # zero-shot, step 0
+
+    train_step = step_for(cfg.train)  # one pass, or micro-batched (train.micro_batch_size)
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
         faults.maybe_oom(injected, seq.st["step"] + 1)

@@ -404,6 +404,21 @@ def test_device_hours_column_and_total(tmp_path: Path) -> None:
     assert f"- device time: {total:.3f} CPU-hours over 4 trials" in paths["report"].read_text()
 
 
+def test_micro_batched_trials_are_recorded_and_said(tmp_path: Path) -> None:
+    grid = {"variant": ["siglip"], "batch_size": [16, 64], "n_train_classes": [10],
+            "seed": [0], "train.micro_batch_size": [16]}
+    paths = write_report(write_experiment(tmp_path, "micro", grid, _by_batch))
+    trials = pq.read_table(paths["trials"]).to_pandas().set_index("batch_size")
+    assert list(trials["micro_batch_size"]) == [16, 16]
+    assert list(trials["gradient_checkpointing"]) == [False, False]
+    # Batch 16 is one micro-batch of 16 (the one-pass step); batch 64 is four.
+    assert ("- micro-batched: 1 of 2 trials (`train.micro_batch_size` 16; "
+            in paths["report"].read_text())
+    paths = write_report(write_experiment(tmp_path, "plain", REF_GRID, _by_batch))
+    assert pq.read_table(paths["trials"]).to_pandas()["micro_batch_size"].isna().all()
+    assert "micro-batched" not in paths["report"].read_text()
+
+
 # --------------------------------------------------------------------------- plots
 
 

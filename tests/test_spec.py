@@ -115,6 +115,19 @@ def test_variant_overrides_reach_trial(tmp_path: Path) -> None:
     assert by_variant["siglit"].train.lr == pytest.approx(1e-3)
 
 
+def test_micro_batch_keys_are_grid_axes(tmp_path: Path) -> None:
+    doc = base_doc(tmp_path)
+    doc["scaling"]["num_workers"] = 2
+    doc["grid"].update({"batch_size": [8, 16], "train.micro_batch_size": [2, 4],
+                        "train.gradient_checkpointing": [False, True]})
+    trials = trial_configs(validate(doc))
+    assert {(t.batch_size, t.train.micro_batch_size, t.train.gradient_checkpointing)
+            for t in trials} == {(b, m, c) for b in (8, 16) for m in (2, 4)
+                                 for c in (False, True)}
+    assert len({t.trial_id for t in trials}) == 8
+    assert validate(base_doc(tmp_path)).train.micro_batch_size is None  # one pass
+
+
 def test_cli_bad_spec_exits_2_with_one_line(tmp_path: Path) -> None:
     doc = base_doc(tmp_path)
     doc["scaling"]["num_workers"] = 2

@@ -76,6 +76,17 @@ def _set(path: str, value: object) -> Callable[[dict], None]:
                                 "-s0' (the same values twice)"),
     (lambda d: d["grid"].update({"train.lr": [1e-4, 1.0000001e-4]}),
      "grid: two grid points are both trial 'siglip-templates-bs16-k4-s0-lr0.0001' (train.lr:"),
+    # Micro-batches that do not divide the per-worker batch (16 / 2 workers = 8), from
+    # train, a variant or a grid axis.
+    (lambda d: (d["train"].update(micro_batch_size=3), d["scaling"].update(num_workers=2)),
+     "train.micro_batch_size: 3 does not divide the per-worker batch grid.batch_size[0]=16 / "
+     "scaling.num_workers=2 = 8"),
+    (lambda d: d["variants"]["siglip"].update(train={"micro_batch_size": 32}),
+     "variants.siglip.train.micro_batch_size: 32 does not divide the per-worker batch"),
+    (lambda d: d["grid"].update({"train.micro_batch_size": [4, 6]}),
+     "grid.train.micro_batch_size[1]: 6 does not divide the per-worker batch "
+     "grid.batch_size[0]=16"),
+    (_set("train.micro_batch_size", 0), "train.micro_batch_size: Input should be greater"),
     # A grid too large to lay out.
     (lambda d: d["grid"].update(seed=list(range(200)), batch_size=list(range(16, 1616, 16))),
      "grid: 20000 trials (100 batch_size x 200 seed) exceed the limit of 10000"),
