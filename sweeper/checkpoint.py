@@ -54,7 +54,11 @@ def checkpoint_nbytes(enc: DualEncoder) -> dict[str, int]:
     """The tensor bytes a checkpoint of `enc` holds, computed without writing it (works on
     the meta device): `weights` (the trainable state in float32) and `optimizer` (AdamW's
     two float32 moments per trainable parameter). The files add a few KiB of pickle."""
-    weights = sum(v.numel() * v.element_size() for v in _trainable_state(enc).values())
+    names = set(_trainable_state(enc))
+    # keep_vars: the tensors themselves, so that one aliased twice (DualEncoder.logit_bias)
+    # counts once, as torch.save stores it once.
+    tensors = {id(v): v for k, v in enc.state_dict(keep_vars=True).items() if k in names}
+    weights = sum(v.numel() * v.element_size() for v in tensors.values())
     moments = sum(2 * p.numel() * 4 for p in enc.parameters() if p.requires_grad)
     return {"weights": weights, "optimizer": moments}
 

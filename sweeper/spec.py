@@ -190,7 +190,7 @@ class DataSpec(_Strict):
     eval_classes: list[str] | None = None
     # DataLoader processes per trial worker; auto: the CPUs the worker reserves
     # (scaling.resources_per_worker.CPU) less one, at least 1
-    num_workers: Int | Literal["auto"] = Field("auto", ge=0, le=64)
+    num_workers: Annotated[Int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
     cache_images: bool = False  # decode images once to uint8 at the model's resolution
     cache_dir: str | None = None  # where the caches live (default: <storage>/.cache)
     # A frozen vision tower's image embeddings computed once, shared by every trial
