@@ -1,14 +1,19 @@
 """Images per second the trials' loader delivers per DataLoader worker, against what one
 bf16 SigLIP-B/16 step consumes.
 
-The loader is the trials' own: `data.ImageTextDataset` decoding JPEGs of ImageNet's
-typical size (500 x 375, quality 90, smooth fields plus noise: about ImageNet's bytes per
-image) and resizing them to 224 px as SigLIP-B/16's processor does, `data.Collate`
-(tokenisation to 64 tokens, uint8 pixels), DataLoader worker processes handing batches
-over in shared memory. Timed over one epoch after the workers started, for each worker
-count of `--workers`; `loader_images_per_s_per_worker` is the best per-worker rate. The
-decode-once image cache (`data.cache_images`, rows of a memory-mapped `.npy`) is timed
-the same way (`loader_cached_images_per_s_per_worker`).
+The loader is the trials' own, bound for a GPU: `data.ImageTextDataset` decoding JPEGs
+of ImageNet's typical size (500 x 375, quality 90, a smooth random field plus noise:
+about 100 KiB, near ImageNet's average) and resizing them to 224 px as SigLIP-B/16's
+processor does, `data.Collate` (tokenisation to 64 tokens, uint8 pixels), DataLoader
+worker processes handing batches over in shared memory, pinned memory and the copy to
+the GPU (without a GPU, the meta device stands in for it). Timed over one epoch after
+the workers started, for each worker count of `--workers`
+(`loader_decode_images_per_s_<w>w`: wall clock, which on a shared machine depends on
+what else runs), and counted per CPU-second the worker processes
+used (`..._per_cpu_s_<w>w`: what a worker delivers on a core of its own).
+`loader_images_per_s_per_worker` is the best of the latter. The decode-once image cache
+(`data.cache_images`, rows of a memory-mapped `.npy`) is measured the same way
+(`loader_cached_images_per_s_per_worker`).
 
 What a step consumes: `--step-samples-per-s` (what `gpu_throughput.py` measured on this
 GPU), else the samples/s of one bf16 SigLIP-B/16 step at 40 % MFU of an H100 (989 dense
@@ -49,28 +54,44 @@ def jpegs(folder: Path, n: int) -> list[Path]:
         coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
         img = np.asarray(Image.fromarray(coarse).resize((500, 375), Image.BICUBIC),
                          dtype=np.int16)
-        img = (img + rng.integers(-12, 13, img.shape)).clip(0, 255).astype(np.uint8)
+        img = (img + rng.integers(-36, 37, img.shape)).clip(0, 255).astype(np.uint8)
         p = folder / f"img{i}.jpg"
         Image.fromarray(img).save(p, "JPEG", quality=90)
         out.append(p)
     return out
 
 
-def rate(ds: Any, collate: Any, workers: int, batch: int) -> float:
-    """Images/s over one epoch of `ds` through `make_loader` with `workers` processes (the
-    workers' start-up excluded: the first batch is waited for before the clock starts)."""
+def rate(ds: Any, collate: Any, workers: int, batch: int) -> tuple[float, float]:
+    """(images/s over one epoch of `ds` through `make_loader` with `workers` processes,
+    the workers' start-up excluded; images per CPU-second of those workers, start-up
+    included: what one core of its own delivers, whatever else shares this machine)."""
+    import gc
+    import resource
+
     from sweeper import data as D
 
+    def children_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    cpu0 = children_cpu()
+    import torch
+
+    # Bound for a GPU: uint8 crosses, pinned, and is normalised there (the meta device
+    # stands in for one where there is none: the copy and the normalisation cost nothing).
+    gpu = torch.cuda.is_available()
     sampler = D.GlobalBatchSampler(len(ds), batch)
-    loader = D.make_loader(ds, sampler, collate, workers)
+    loader = D.make_loader(ds, sampler, collate, workers, pin_memory=gpu,
+                           device=torch.device("cuda" if gpu else "meta"))
     it = iter(loader)
-    next(it)
+    first = next(it)["size"]
     t, n = time.perf_counter(), 0
     for b in it:
         n += b["size"]
     dt = time.perf_counter() - t
     del it, loader
-    return n / dt
+    gc.collect()  # the workers exit and are waited for: their CPU time is counted
+    return n / dt, (n + first) / max(1e-9, children_cpu() - cpu0)
 
 
 def step_consumption() -> float:
@@ -131,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         best = {"decode": 0.0, "cached": 0.0}
         for w in (int(x) for x in args.workers.split(",")):
             for kind, d in (("decode", ds), ("cached", cached)):
-                r = rate(d, collate, w, args.batch)
+                r, per_cpu = rate(d, collate, w, args.batch)
                 common.emit(f"loader_{kind}_images_per_s_{w}w", r)
-                best[kind] = max(best[kind], r / w)
+                common.emit(f"loader_{kind}_images_per_cpu_s_{w}w", per_cpu)
+                best[kind] = max(best[kind], per_cpu)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     need = args.step_samples_per_s or step_consumption()

@@ -231,8 +231,13 @@ def test_batch_bytes_and_prefetch_of_a_real_loader(monkeypatch: pytest.MonkeyPat
     assert D.batch_nbytes(8, tf, 16) == real
     monkeypatch.setattr(D.loading, "shm_free_bytes", lambda: 5 * real)  # 2 batches' worth
     sampler = D.GlobalBatchSampler(len(td.train), 8)
-    loader = D.make_loader(td.train, sampler, D.Collate(processor.tokenizer, 16), 3)
+    # Bound for a GPU (the meta device stands in): uint8 crosses.
+    loader = D.make_loader(td.train, sampler, D.Collate(processor.tokenizer, 16), 3,
+                           device=torch.device("meta"))
     assert (loader.num_workers, loader.prefetch_factor) == (2, 1)
+    # Bound for the CPU the workers normalise: float32 pixels, 4x the bytes; none fit.
+    loader = D.make_loader(td.train, sampler, D.Collate(processor.tokenizer, 16), 3)
+    assert loader.num_workers == 0
 
 
 def test_storage_remote_and_upload_mode() -> None:

@@ -87,19 +87,23 @@ class _Items(list):
     transform: ImageTransform | None = None
 
 
-def _batch_buffer(n: int, h: int, w: int) -> torch.Tensor:
-    """An uninitialised [n, h, w, 3] uint8 tensor; in a DataLoader worker, allocated in
-    shared memory so that sending the batch to the main process copies nothing (as torch's
-    default_collate does)."""
-    numel = n * h * w * 3
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, allocated in shared memory so that
+    sending the batch to the main process copies nothing (as torch's default_collate
+    does)."""
     if torch.utils.data.get_worker_info() is not None:
         try:
-            proto = torch.empty(0, dtype=torch.uint8)
-            storage = proto._typed_storage()._new_shared(numel, device="cpu")
-            return proto.new(storage).view(n, h, w, 3)
+            proto = torch.empty(0, dtype=dtype)
+            storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+            return proto.new(storage).view(*shape)
         except (AttributeError, RuntimeError):  # private API moved: plain memory
             pass
-    return torch.empty(n, h, w, 3, dtype=torch.uint8)
+    return torch.empty(*shape, dtype=dtype)
+
+
+def _batch_buffer(n: int, h: int, w: int) -> torch.Tensor:
+    """An uninitialised [n, h, w, 3] uint8 tensor (in shared memory in a worker)."""
+    return _shared_empty((n, h, w, 3))
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -240,8 +244,10 @@ class Collate:
         if pixels is not None:
             if len(good_idx) < len(items):
                 pixels = pixels[torch.tensor(good_idx)]
-            if not self.uint8:
-                pixels = items.transform.normalize(pixels)
+            if not self.uint8:  # normalised here, in the worker process when there is one
+                n, h, w, _ = pixels.shape
+                pixels = items.transform.normalize(
+                    pixels, out=_shared_empty((n, 3, h, w), torch.float32))
         else:
             pixels = torch.stack([it["pixel_values"] for it in good])
         texts = [it["text"] for it in good]
@@ -392,13 +398,15 @@ def loader_workers(num_workers: int | str, cpus: float) -> int:
     return max(1, min(MAX_LOADER_WORKERS, math.floor(cpus + 1e-9) - 1))
 
 
-def batch_nbytes(n: int, transform: ImageTransform | None, max_length: int) -> int:
+def batch_nbytes(n: int, transform: ImageTransform | None, max_length: int,
+                 pixel_bytes: int = 1) -> int:
     """Bytes of one collated batch of `n` samples as a DataLoader worker hands it over:
-    uint8 pixels [n, H, W, 3] (at the model's input size), int64 token ids and attention
-    mask [n, L], and int64 labels and indices."""
+    pixels [n, H, W, 3] at the model's input size (uint8: `pixel_bytes` 1; float32,
+    normalised in the worker: 4), int64 token ids and attention mask [n, L], and int64
+    labels and indices."""
     h, w = (transform.output_size or (transform.height, transform.width)) if transform \
         else (0, 0)
-    return n * (h * w * 3 + 2 * 8 * max_length + 2 * 8)
+    return n * (h * w * 3 * pixel_bytes + 2 * 8 * max_length + 2 * 8)
 
 
 def shm_free_bytes(path: str = "/dev/shm") -> int | None:
@@ -438,19 +446,22 @@ def make_loader(ds: torch.utils.data.Dataset, sampler: Any, collate: Any, num_wo
     """A DataLoader over a batch sampler (workers persist across epochs when there are any),
     its batches delivered on `device` by `DeviceBatches`.
 
-    With an `ImageTextDataset` and a `Collate`, decoded images cross from the workers as
-    uint8 and are normalised once per batch, on the device. The workers and their
+    With an `ImageTextDataset` and a `Collate`, decoded images bound for an accelerator
+    cross from the workers as uint8 (a quarter of the bytes through shared memory and
+    PCIe) and are normalised once per batch, on the device; bound for the CPU, they are
+    normalised in the worker processes, off the training process. The workers and their
     prefetching are bounded by the shared memory of this node (`plan_loader`), shared by
     its `local_ranks` trial workers."""
     transform = getattr(ds, "transform", None)
-    wrap = isinstance(collate, Collate) and isinstance(transform, ImageTransform)
+    images = isinstance(collate, Collate) and isinstance(transform, ImageTransform)
+    wrap = images and device is not None and device.type != "cpu"
     if wrap:
         collate = dataclasses.replace(collate, uint8=True)
     prefetch = PREFETCH
     if num_workers > 0:
         first = next(iter(sampler), [])
-        nbytes = batch_nbytes(len(first), transform if wrap else None,
-                              getattr(collate, "max_length", 0))
+        nbytes = batch_nbytes(len(first), transform if images else None,
+                              getattr(collate, "max_length", 0), 1 if wrap else 4)
         num_workers, prefetch, note = plan_loader(num_workers, nbytes, local_ranks,
                                                   shm_free_bytes())
         if note and note not in _WARNED:
