@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from sweeper.experiment import storage_is_remote
 from sweeper.models import DualEncoder
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,16 @@ def load_checkpoint(path: Path, enc: DualEncoder, optimizer: Any = None,
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return ck["state"]
+
+
+def checkpoint_upload(upload: str, storage: str) -> str:
+    """`checkpoint.upload` resolved for checkpoints stored under `storage`: `sync` or
+    `async` as written; `auto` is `async` where the storage is remote
+    (`experiment.storage_is_remote`: a network or FUSE filesystem, an object store), so
+    that a copy over the network never stalls the GPUs, and `sync` on a local disk."""
+    if upload != "auto":
+        return upload
+    return "async" if storage_is_remote(storage) else "sync"
 
 
 def strip_optimizer(fs: Any, path: str) -> bool:

@@ -79,15 +79,6 @@ def storage_is_remote(storage: str, mounts: str | None = None) -> bool:
     return fstype.split(".")[0] in NETWORK_FILESYSTEMS
 
 
-def checkpoint_upload(upload: str, storage: str) -> str:
-    """`checkpoint.upload` resolved: `sync` or `async` as written; `auto` is `async` where
-    the storage is remote (`storage_is_remote`), so a copy over the network never stalls
-    the GPUs, and `sync` on a local disk (a copy there costs little)."""
-    if upload != "auto":
-        return upload
-    return "async" if storage_is_remote(storage) else "sync"
-
-
 def check_storage(storage: str) -> Path:
     """`storage` as a local path that can be a directory of ours: an existing directory we
     may write to, or a path whose nearest existing ancestor is one."""

@@ -31,15 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import ray_compat
-from sweeper.checkpoint import prune_finished, strip_older_optimizers
-from sweeper.experiment import (
-    FINISHED,
-    SweepResult,
-    checkpoint_upload,
-    collect,
-    experiment_dir,
-    reset_errored,
-)
+from sweeper.checkpoint import checkpoint_upload, prune_finished, strip_older_optimizers
+from sweeper.experiment import FINISHED, SweepResult, collect, experiment_dir, reset_errored
 from sweeper.grid import grid_axes, trial_id_for
 from sweeper.preflight import cluster_address
 from sweeper.resources import DRIVER_CPU, check_fits, fmt_res, trial_demand, worker_resources
@@ -116,15 +109,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
 
-    upload = config.get("checkpoint_upload", "sync")
-    mode = (ray.train.CheckpointUploadMode.ASYNC if upload == "async"
-            else ray.train.CheckpointUploadMode.SYNC)
-    persisted: list[Any] = []  # checkpoints of this run in storage, oldest first
+    upload = checkpoint_upload(cfg.checkpoint.upload, str(tdir))  # "sync" or "async"
+    persisted: list[Any] = []  # this run's checkpoints in storage, oldest first
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
         # An asynchronous upload copies the folder in a thread and deletes it when done.
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode)
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode[upload.upper()])
         if checkpoint is not None:
             strip_older_optimizers(persisted, ray.train.get_checkpoint())
 
@@ -244,9 +236,7 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"trial": cfg.model_dump(mode="json"), "trial_dir": str(tdir),
-                           "cache_dir": cache_dir,
-                           "checkpoint_upload": checkpoint_upload(cfg.checkpoint.upload,
-                                                                  experiment_dir)},
+                           "cache_dir": cache_dir},
         scaling_config=ray.train.ScalingConfig(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,

@@ -31,12 +31,13 @@ from sweeper.checkpoint import (
     OPTIMIZER,
     STATE,
     checkpoint_nbytes,
+    checkpoint_upload,
     load_checkpoint,
     prune_finished,
     strip_older_optimizers,
 )
 from sweeper.collectives import Agreement
-from sweeper.experiment import checkpoint_upload, storage_is_remote
+from sweeper.experiment import storage_is_remote
 from sweeper.models import DualEncoder, build_tiny, is_pil_backend, load_pretrained
 from sweeper.prepare import with_model_path
 from sweeper.spec import TinyModelSpec, TrainSpec, resolve_trial, validate
