@@ -503,7 +503,8 @@ def _trial_row(rec: TrialRecord, exp: Experiment) -> dict[str, Any]:
         "max_grad_norm": train.get("max_grad_norm"),
         "budget_kind": budget_kind,
         "budget_value": budget_value,
-        "precision": train.get("precision"),
+        # What it ran in (status.json): `auto` resolves per device.
+        "precision": _first(st.get("precision"), train.get("precision")),
         "same_class_pairs": train.get("same_class_pairs"),
         "micro_batch_size": train.get("micro_batch_size"),
         "gradient_checkpointing": train.get("gradient_checkpointing"),

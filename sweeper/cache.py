@@ -24,7 +24,8 @@ split is cached, so trials with different class subsets share one store.
 
 Stores are built before the trials by Ray tasks (`orchestration`, via `cache_jobs` and
 `run_job`), or, when those did not run (in-process tests, a new variant on resume), by the
-worker itself: rank 0 first, under a file lock, so concurrent trials build a store once.
+worker itself: one rank under a file lock while the others wait on it, so concurrent
+trials and ranks build a store once.
 A store is written to a temporary folder and renamed into place: readers never see half.
 
 Never imports Ray.
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 
 from sweeper import data as D
+from sweeper.collectives import Agreement
 from sweeper.models import DualEncoder, load_pretrained
 from sweeper.sink import atomic_write_json
 from sweeper.spec import DataSpec, ModelSpec, SweepSpec, trial_configs
@@ -399,23 +401,19 @@ def uses_feature_cache(cfg: Any) -> bool:
                 and getattr(cfg.data, "augment", "none") == "none")
 
 
-def _rank0_first(ctx: Any, fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0, then on the other ranks (which find the store built, or build
-    their own copy where the storage is not shared between machines)."""
-    import torch.distributed as dist
-
-    if ctx.world_size > 1 and dist.is_available() and dist.is_initialized():
-        out = fn() if ctx.rank == 0 else None
-        dist.barrier(group=ctx.group)
-        return out if ctx.rank == 0 else fn()
-    return fn()
-
-
 def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.ImageTransform,
-                 collate: Any, precision: str) -> TrialInputs:
+                 collate: Any, precision: str, agree: Agreement | None = None,
+                 num_workers: int = 0) -> TrialInputs:
     """The trial's datasets, reading the stores the trial's config asks for (built here if
     the pre-trial tasks did not). Falls back to decoding, with a warning, where the data
-    cannot be cached (not an image-folder dataset, samples outside the scanned split)."""
+    cannot be cached (not an image-folder dataset, samples outside the scanned split): on
+    every rank when one rank cannot (`agree`), so that all of them train on the same inputs.
+
+    Every rank opens the stores itself. A store that is missing is built by whichever rank
+    takes its file lock first (`ensure_store`); the others wait on the lock, a file, not in
+    a collective, so a build of any length never meets the process group's timeout (30
+    minutes on NCCL), and they then read what it wrote (or build their own copy where the
+    storage is not shared between machines)."""
     plain = TrialInputs(td.train, collate)
     feats = uses_feature_cache(cfg)
     if not (feats or cfg.data.cache_images):
@@ -423,6 +421,7 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
     if getattr(cfg.data, "format", "folder") != "folder":
         log.warning("cache: data.format %r is not cached; decoding instead", cfg.data.format)
         return plain
+    agree = agree or Agreement()
     root = cache_root(cfg.data, ctx.trial_dir)
     droot = D.data_root(cfg.data, ctx.cache_dir)
     t0 = time.time()
@@ -430,15 +429,19 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
         listings = {s: SplitListing.scan(droot, s) for s in SPLITS}
         train_rows = listings["train"].rows(td.train.samples)
         val_rows = listings["val"].rows(td.val_samples)
+        mapped = True
     except (KeyError, OSError, D.DataError) as e:
         log.warning("cache: cannot map the trial's images to the cache (%s); decoding", e)
+        mapped = False
+    if not agree.all(mapped):
+        if mapped:
+            log.warning("cache: another rank cannot read the cache; decoding on every rank")
         return plain
     if feats:
         ckpt = checkpoint_fingerprint(cfg.model_path)
-        nw = cfg.data.num_workers
-        stores = _rank0_first(ctx, lambda: {
-            s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
-                                    ctx.device, cfg.eval.batch_size, nw) for s in SPLITS})
+        stores = {s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
+                                          ctx.device, cfg.eval.batch_size, num_workers)
+                  for s in SPLITS}
         mine = np.arange(ctx.rank, len(td.val_samples), ctx.world_size)
         rows = val_rows[mine]
         ok = stores["val"].ok[rows]
@@ -448,9 +451,8 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
         out = TrialInputs(FeatureDataset(td.train, stores["train"], train_rows),
                           EmbedsCollate(collate), val_images=val, kind="features")
     else:
-        stores = _rank0_first(ctx, lambda: {
-            s: ensure_image_cache(root, listings[s], transform, cfg.eval.batch_size,
-                                  cfg.data.num_workers) for s in SPLITS})
+        stores = {s: ensure_image_cache(root, listings[s], transform, cfg.eval.batch_size,
+                                        num_workers) for s in SPLITS}
         val_store = stores["val"]
 
         def wrap_val(ds: D.ImageTextDataset) -> D.ImageTextDataset:
@@ -525,7 +527,7 @@ def run_job(job: CacheJob) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_pretrained(job.model_path, model_spec.trust_remote_code)
     transform = D.ImageTransform.from_processor(processor.image_processor)
-    nw = data_spec.num_workers
+    nw = D.loader_workers(data_spec.num_workers, 1.0)  # the task's one CPU
     if job.kind == "features":
         precision = resolve_precision(job.precision, device)
         ckpt = checkpoint_fingerprint(job.model_path)

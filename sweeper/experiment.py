@@ -32,6 +32,7 @@ RESOURCE_KEYS = (
     "scaling.max_concurrent_trials",
     "scaling.max_failures",
     "scaling.worker_start_timeout_s",
+    "checkpoint.upload",
 )
 
 
@@ -46,6 +47,36 @@ def storage_path(storage: str) -> Path:
             "appends its history to files in place; mount the bucket or a shared filesystem "
             "(NFS, Lustre, a FUSE mount) at the same path on every node and give that path")
     return Path(storage).expanduser().resolve()
+
+
+# Filesystem types whose writes cross a network (a mount's type in /proc/mounts; any
+# `fuse.*` type too: the FUSE mounts of buckets).
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph",
+                       "glusterfs", "wekafs", "9p", "fuse")
+
+
+def storage_is_remote(storage: str, mounts: str | None = None) -> bool:
+    """Whether writes to `storage` cross a network: an object-store URI, or a path whose
+    filesystem (the longest mount point above it in `mounts`, /proc/mounts' text) is a
+    network or FUSE one."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", storage) and not storage.startswith("file://"):
+        return True
+    path = os.path.realpath(Path(storage.removeprefix("file://")).expanduser())
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return False
+    best, fstype = "", ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, fstype = point, parts[2]
+    return fstype.split(".")[0] in NETWORK_FILESYSTEMS
 
 
 def check_storage(storage: str) -> Path:

@@ -64,11 +64,11 @@ def build_tiny(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
     Temperature and bias start at the paper's init (log 10, -10): Hugging Face's fresh
     SiglipModel sets both to 0, from which a small model learns nothing in a few epochs.
     """
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+    from transformers import SiglipConfig, SiglipModel, SiglipProcessor
 
     tokenizer = _word_tokenizer(vocab, tiny.max_length, None, "</s>", "$A </s>")
     size = tiny.image_size
-    image_processor = SiglipImageProcessor(
+    image_processor = _pil_processor_class("SiglipImageProcessor")(
         size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
     processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -92,14 +92,14 @@ def build_tiny_clip(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
     resizing the shortest edge then centre-cropping, the OpenAI mean/std, and CLIP's own
     temperature init (1/0.07) and no bias.
     """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     tokenizer = _word_tokenizer(vocab, tiny.max_length, "<|startoftext|>", "<|endoftext|>",
                                 "<|startoftext|> $A <|endoftext|>")
     size = tiny.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size},
-                                         crop_size={"height": size, "width": size},
-                                         do_center_crop=True)
+    image_processor = _pil_processor_class("CLIPImageProcessor")(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        do_center_crop=True)
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     # eos_token_id must not be 2: HF's CLIP reads 2 as the original checkpoints' marker and
     # then pools at the highest token id (the original vocabulary's end-of-text) instead.
@@ -177,15 +177,45 @@ def hub_snapshot(name: str) -> str:
         raise _hub_error(name, e) from None
 
 
+# The image-processor backend every load asks for. transformers 5 picks the torchvision one
+# whenever torchvision is installed (most GPU clusters) and PIL otherwise; the two resize
+# differently, and `data.ImageTransform` reproduces the PIL one exactly.
+IMAGE_BACKEND = "pil"
+
+
+def _pil_processor_class(name: str) -> Any:
+    """transformers' PIL-backed image processor `name` (`SiglipImageProcessorPil`), or the
+    plain class on a transformers without the split backends."""
+    import transformers
+
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def is_pil_backend(image_processor: Any) -> bool:
+    """Whether an image processor resizes with PIL (not torchvision tensors)."""
+    names = [c.__name__ for c in type(image_processor).__mro__]
+    return "TorchvisionBackend" not in names and "BaseImageProcessorFast" not in names \
+        and not type(image_processor).__name__.endswith("Fast")
+
+
 def load_pretrained(path: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, processor) of a checkpoint directory (or hub id) through
-    `AutoModel`/`AutoProcessor.from_pretrained`."""
+    `AutoModel`/`AutoProcessor.from_pretrained`.
+
+    The weights are float32 whatever dtype the checkpoint was saved in (transformers 5 would
+    keep a bf16 checkpoint in bf16, where updates of lr ~1e-5 vanish below its resolution):
+    they are the optimizer's master copy, and bf16 comes only through autocast. The image
+    processor is pinned to the PIL backend (`IMAGE_BACKEND`), so training preprocesses as
+    `AutoProcessor.from_pretrained(path, backend="pil")` does, torchvision installed or not.
+    """
     from transformers import AutoModel, AutoProcessor
 
     path = str(path)
     try:
-        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                          dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                  backend=IMAGE_BACKEND)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1)" if offline else " (hub unreachable or no such model?)"
@@ -194,7 +224,12 @@ def load_pretrained(path: str | Path, trust_remote_code: bool = False) -> tuple[
     if getattr(model, "logit_bias", None) is None and Path(path).is_dir():
         bias = saved_logit_bias(Path(path))
         if bias is not None:  # a CLIP fine-tuned here with the sigmoid loss: see DualEncoder
-            model.register_parameter("logit_bias", nn.Parameter(bias))
+            model.register_parameter("logit_bias", nn.Parameter(bias.float()))
+    ip = getattr(processor, "image_processor", None)
+    if ip is not None and not is_pil_backend(ip):
+        raise ModelError(f"model.pretrained: {path!r} loads a {type(ip).__name__} image "
+                         f"processor although backend={IMAGE_BACKEND!r} was asked for; "
+                         "training would preprocess differently from it")
     return model, processor
 
 

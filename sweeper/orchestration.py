@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import ray_compat
+from sweeper.checkpoint import checkpoint_upload, prune_finished, strip_older_optimizers
 from sweeper.experiment import FINISHED, SweepResult, collect, experiment_dir, reset_errored
 from sweeper.grid import grid_axes, trial_id_for
 from sweeper.preflight import cluster_address
@@ -108,9 +109,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
 
+    upload = checkpoint_upload(cfg.checkpoint.upload, str(tdir))  # "sync" or "async"
+    persisted: list[Any] = []  # this run's checkpoints in storage, oldest first
+
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # An asynchronous upload copies the folder in a thread and deletes it when done.
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode[upload.upper()])
+        if checkpoint is not None:
+            strip_older_optimizers(persisted, ray.train.get_checkpoint())
 
     ctx = WorkerContext(
         rank=rank,
@@ -119,6 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trial_dir=tdir,
         report=report,
         cache_dir=Path(config["cache_dir"]) if config.get("cache_dir") else None,
+        local_world_size=tctx.get_local_world_size(),
+        report_takes_checkpoint=upload == "async",
     )
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -252,7 +262,7 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
         ),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as e:
         if _tune_is_stopping(session):
             # Tune stops this trial (ASHA, Ctrl-C): the process exits and takes the Train
@@ -263,6 +273,8 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
         sink.update_status(status="errored", error=reason, error_detail=str(e)[:20000],
                            ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         raise TrialFailed(reason) from e
+    if sink.status().get("status") in FINISHED:
+        prune_finished(result.best_checkpoints or [], cfg.checkpoint.keep)
 
 
 def _tune_is_stopping(session: Any) -> bool:

@@ -129,8 +129,9 @@ class TrainSpec(_Strict):
     warmup_steps: Int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: Float | None = Field(None, gt=0)
-    # bf16: autocast (on the CPU too); auto: bf16 on a CUDA device that supports it, else fp32
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    # auto: bf16 autocast on GPUs with native bf16 (compute capability >= 8), else fp32 (the
+    # CPU, V100, T4); bf16: autocast on any device; fp32 (TF32 matmuls on Ampere and newer)
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
     same_class_pairs: Literal["negative", "positive", "ignore"] = "negative"
     save_final: bool = False
     log_every_steps: Int = Field(50, ge=1)
@@ -160,7 +161,12 @@ class EvalSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    keep: Int = Field(1, ge=1)
+    """What Ray Train keeps of a trial's checkpoints, and how they reach the storage."""
+
+    keep: Int = Field(1, ge=1)  # best checkpoints by val_top1 left once a trial finished
+    # async: the copy to the storage runs in a thread while training goes on; auto: async
+    # where the storage is remote (a network filesystem), sync on a local disk
+    upload: Literal["auto", "sync", "async"] = "auto"
 
 
 class SyntheticSpec(_Strict):
@@ -186,7 +192,9 @@ class DataSpec(_Strict):
     class_order: Literal["random", "sorted"] = "random"
     train_classes: list[str] | None = None  # explicit class subset (wnids); overrides the draw
     eval_classes: list[str] | None = None
-    num_workers: Int = Field(0, ge=0, le=64)
+    # DataLoader processes per trial worker; auto: the CPUs the worker reserves
+    # (scaling.resources_per_worker.CPU) less one, at least 1
+    num_workers: Annotated[Int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
     cache_images: bool = False  # decode images once to uint8 at the model's resolution
     cache_dir: str | None = None  # where the caches live (default: <storage>/.cache)
     # A frozen vision tower's image embeddings computed once, shared by every trial

@@ -145,9 +145,11 @@ def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.O
     """Forward, global-batch loss, backward, clip, update. Returns the loss (on device,
     unsynchronised: reading it forces a host sync, which the sequencer does only when it
     logs)."""
+    # Gradients freed before the forward, not after it: the activations and the previous
+    # step's gradients are never alive at the same time (peak memory).
+    optimizer.zero_grad(set_to_none=True)
     img, txt, scale, bias = _forward(model, batch, autocast)
     loss = loss_fn(img.float(), txt.float(), scale.float(), bias.float(), batch["labels"])
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     _update(optimizer, scheduler, max_grad_norm)
     return loss.detach()
@@ -281,14 +283,56 @@ def enable_gradient_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device, None for any other device."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.minor
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """What `train.precision` means on `device`: `fp32` is plain float32; `bf16` autocasts
-    to bfloat16 on any device (on the CPU only because it was asked for); `auto` is bf16 on
-    a CUDA device that supports it and fp32 elsewhere, the CPU included."""
+    to bfloat16 on any device (on the CPU, or a GPU that only emulates it, only because it
+    was asked for); `auto` (the default) is bf16 on a GPU with native bf16 (compute
+    capability 8.0 and newer: A100, H100, L4, ...) and fp32 elsewhere: the CPU, V100, T4."""
     if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16" if cuda_bf16 else "fp32"
+        cap = _capability(device)
+        return "bf16" if cap is not None and cap >= (8, 0) else "fp32"
     return precision
+
+
+def use_tf32(device: torch.device) -> bool:
+    """Whether float32 matmuls and convolutions on `device` run on TF32 tensor cores
+    (Ampere and newer GPUs: 10-bit mantissa products, float32 accumulation, the precision
+    every large training run accepts). Set for the process by `configure_matmul`; under
+    bf16 autocast it covers the ops autocast leaves in float32."""
+    cap = _capability(device)
+    return cap is not None and cap >= (8, 0)
+
+
+def configure_matmul(device: torch.device) -> bool:
+    """Enable TF32 for this process where `use_tf32` says so; returns whether it did."""
+    if not use_tf32(device):
+        return False
+    # Matmuls only: cuDNN's convolutions (the patch embedding) default to TF32 already.
+    torch.set_float32_matmul_precision("high")
+    return True
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """`model` in DistributedDataParallel when there are several processes, as the large
+    training codebases tune it: gradients are views into DDP's communication buckets
+    (`gradient_as_bucket_view`: no copy into and out of them, one gradient-sized buffer
+    less), and buffers are not broadcast before every forward (`broadcast_buffers=False`:
+    these models' only buffers are position ids, identical on every rank; a module with
+    running statistics keeps the broadcast)."""
+    if world_size <= 1:
+        return model
+    stateful = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True, broadcast_buffers=stateful)
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:

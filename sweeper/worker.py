@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from sweeper import cache as C
 from sweeper import data as D
 from sweeper import faults
 from sweeper.checkpoint import load_checkpoint, save_checkpoint, save_final_model
+from sweeper.collectives import Agreement
 from sweeper.evaluation import Evaluator, val_loader
 from sweeper.models import (
     PRESETS,
@@ -33,10 +33,12 @@ from sweeper.models import (
     local_checkpoint,
     text_max_length,
 )
+from sweeper.resources import worker_resources
 from sweeper.sink import TrialSink
 from sweeper.spec import TrialConfig
 from sweeper.training import (
     autocast_for,
+    configure_matmul,
     enable_gradient_checkpointing,
     global_batch_size,
     lr_lambda,
@@ -45,6 +47,7 @@ from sweeper.training import (
     resolve_precision,
     step_for,
     total_steps,
+    wrap_ddp,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ class WorkerContext:
     resume_from: Path | None = None  # a checkpoint directory to continue from
     cache_dir: Path | None = None
     group: Any = None  # torch.distributed group (None: the world when initialised)
+    local_world_size: int = 1  # trial workers on this node (they share its /dev/shm)
+    # Whether `report` takes the checkpoint folder it is handed (an asynchronous upload
+    # deletes it when done) rather than the loop deleting it once `report` returns.
+    report_takes_checkpoint: bool = False
 
 
 class Diverged(RuntimeError):
@@ -99,6 +106,7 @@ class _Sequencer:
     global_batch: int
     t0: float = field(default_factory=time.time)
     st: dict[str, Any] = field(default_factory=_initial_state)
+    agree: Agreement = field(default_factory=Agreement)
 
     def epochs(self) -> float:
         return self.st["epoch"] + self.st["batch_in_epoch"] / max(1, self.spe)
@@ -113,7 +121,10 @@ class _Sequencer:
               step: Callable[[dict[str, Any]], torch.Tensor]) -> None:
         """Step until the budget is spent, evaluating when due. The loss stays on the
         device and is read (a host sync) only at log and evaluation points, or at every step
-        on the CPU where reading it costs nothing, so that a divergence stops at once."""
+        on the CPU where reading it costs nothing, so that a divergence stops at once. The
+        ranks agree on every batch before it reaches a collective (`Agreement.batch`): all
+        step on slices of the smallest readable size, and all skip a position where one
+        rank has no readable image."""
         cfg, st, device = self.cfg, self.st, self.ctx.device
         every, log_every = cfg.eval.every_steps, cfg.train.log_every_steps
         loss_sum = torch.zeros((), device=device)
@@ -122,10 +133,12 @@ class _Sequencer:
             sampler.epoch, sampler.skip_batches = st["epoch"], st["batch_in_epoch"]
             steps_before = st["step"]
             for batch in loader:
-                st["skipped_images"] += batch["skipped"]
+                size, skipped = self.agree.batch(batch["size"], batch["skipped"])
+                st["skipped_images"] += skipped
                 st["batch_in_epoch"] += 1  # a batch of unreadable images is a position too
-                stepped = bool(batch["size"])
+                stepped = size > 0
                 if stepped:
+                    batch = D.trim_batch(batch, size)
                     loss_sum += step(batch)
                     n_loss, st["step"] = n_loss + 1, st["step"] + 1
                     st["samples_seen"] += self.global_batch
@@ -166,7 +179,8 @@ class _Sequencer:
 
     def report(self, train_loss: float | None, samples_per_s: float | None) -> dict[str, Any]:
         """Evaluate, append the history and per-class rows, and hand the metrics (listed in
-        `run_trial`'s docstring) with a checkpoint (written by rank 0) to `ctx.report`."""
+        `run_trial`'s docstring) with a checkpoint (written by rank 0; none at step 0,
+        whose weights are the pretrained ones) to `ctx.report`."""
         st = self.st
         m = self.evaluate()
         per_class, skipped_val = m.pop("per_class"), m.pop("skipped_val")
@@ -190,13 +204,14 @@ class _Sequencer:
             self.sink.append_history(metrics)
             self.sink.append_per_class(st["step"],
                                        dict(zip(self.val_wnids, per_class, strict=True)))
-            ckpt_dir = Path(tempfile.mkdtemp(prefix="sweeper-ckpt-"))
-            save_checkpoint(ckpt_dir, self.enc, self.optimizer, self.scheduler,
-                            {**st, "time_offset_s": metrics["time_s"]})
+            if st["step"] > 0:  # step 0 is the pretrained checkpoint: nothing to save
+                ckpt_dir = Path(tempfile.mkdtemp(prefix="sweeper-ckpt-"))
+                save_checkpoint(ckpt_dir, self.enc, self.optimizer, self.scheduler,
+                                {**st, "time_offset_s": metrics["time_s"]})
         try:
             self.ctx.report(metrics, ckpt_dir)
         finally:
-            if ckpt_dir is not None:
+            if ckpt_dir is not None and not self.ctx.report_takes_checkpoint:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
         return metrics
 
@@ -267,10 +282,9 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     enc = DualEncoder(model, cfg.loss, cfg.freeze_vision).to(device)
-    ddp: nn.Module = enc
-    if ctx.world_size > 1:
-        ddp = nn.parallel.DistributedDataParallel(
-            enc, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = wrap_ddp(enc, device, ctx.world_size)
+    agree = Agreement.create(ctx.world_size, ctx.group)
+    tf32 = configure_matmul(device)
     # Fused AdamW: one kernel over every parameter instead of ~10 small ops per tensor (on
     # the CPU the unfused step of a small tower costs as much as its backward).
     optimizer = torch.optim.AdamW(param_groups(enc, cfg.train), lr=cfg.train.lr,
@@ -282,8 +296,9 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
     precision = resolve_precision(cfg.train.precision, device)
     autocast = autocast_for(precision, device)
     # Cached image features (frozen tower) or decode-once images, per the data spec.
+    nw = D.loader_workers(cfg.data.num_workers, worker_resources(cfg.scaling).get("CPU", 0.0))
     inputs = C.trial_inputs(cfg, ctx, td, enc, transform, D.Collate(tokenizer, max_len),
-                            precision)
+                            precision, agree, nw)
     if cfg.train.compile:  # in place: parameter names (checkpoints) and DDP stay the same
         for name, tower in enc.model.named_children():
             if name == "text_model" or (name == "vision_model" and inputs.kind != "features"):
@@ -294,17 +309,18 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
     collate = inputs.collate
     if "dataloader" in injected:
         collate = faults.FaultyCollate(collate, injected["dataloader"])
-    loader = D.make_loader(inputs.train, sampler, collate, cfg.data.num_workers,
-                           pin_memory=device.type == "cuda", device=device,
-                           augment=cfg.data.augment, seed=cfg.seed)
+    loader = D.make_loader(inputs.train, sampler, collate, nw, pin_memory=device.type == "cuda",
+                           device=device, augment=cfg.data.augment, seed=cfg.seed,
+                           local_ranks=ctx.local_world_size)
     val = val_loader(td.val_samples, td.val_names, transform, tokenizer, max_len, ctx.rank,
-                     ctx.world_size, cfg.eval.batch_size, cfg.data.num_workers, inputs.wrap_val,
-                     device)
+                     ctx.world_size, cfg.eval.batch_size, nw, inputs.wrap_val, device,
+                     ctx.local_world_size)
     evaluate = Evaluator(enc, val, td.val_names, td.eval_templates, td.seen, tokenizer,
                          max_len, device, autocast, cfg.eval.batch_size, ctx.world_size,
                          ctx.group, images=inputs.val_images)
     seq = _Sequencer(cfg, ctx, enc, optimizer, scheduler, lr_factor, evaluate, sink,
-                     td.val_wnids, n_steps, spe, global_batch_size(cfg, len(td.train)), t0)
+                     td.val_wnids, n_steps, spe, global_batch_size(cfg, len(td.train)), t0,
+                     agree=agree)
     resumed = ctx.resume_from is not None
     if resumed:
         seq.st.update(load_checkpoint(Path(ctx.resume_from), enc, optimizer, scheduler,
@@ -319,7 +335,8 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
             n_train_images=len(td.train), n_val_images=len(td.val_samples),
             left_out_no_caption=td.left_out_no_caption, total_steps=n_steps,
             steps_per_epoch=spe, world_size=ctx.world_size, device=str(device),
-            precision=precision, restarts=int(sink.status().get("restarts", -1)) + 1)
+            precision=precision, tf32=tf32, inputs=inputs.kind, loader_workers=nw,
+            restarts=int(sink.status().get("restarts", -1)) + 1)
     enc.train()
     if not resumed:
         seq.report(None, None)  # zero-shot, step 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from tests.conftest import base_doc
@@ -33,6 +35,9 @@ def test_two_trial_sweep_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     doc = base_doc(tmp_path)
     doc["grid"]["variant"] = ["siglip", "siglit"]
     doc["scaling"]["max_concurrent_trials"] = 2
+    # Two checkpoints per trial (steps 3 and 6), uploaded in Ray Train's background thread.
+    doc["train"]["epochs"] = 2
+    doc["checkpoint"] = {"keep": 1, "upload": "async"}
     spec = tmp_path / "two.yaml"
     spec.write_text(yaml.safe_dump(doc))
     r = run_cli(spec, cache_dir)
@@ -56,6 +61,15 @@ def test_two_trial_sweep_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     assert trials["val_top1"].between(0, 1).all()
     assert (trials["best_val_top1"] >= trials["val_top1"] - 1e-12).all()
     assert set(trials["freeze_vision"]) == {True, False}
+    for tid in trials["trial_id"]:
+        # Pruned to the best trained checkpoint, weights only (no optimizer state).
+        tdir = exp / "trials" / tid
+        kept = sorted(tdir.glob("checkpoint_*"))
+        assert [sorted(f.name for f in kept[0].iterdir())] == [["state.pt"]], kept
+        step = torch.load(kept[0] / "state.pt", weights_only=True)["state"]["step"]
+        rows = [json.loads(ln) for ln in (tdir / "history.jsonl").read_text().splitlines()]
+        best = max((r for r in rows if r["step"] > 0), key=lambda r: r["val_top1"])
+        assert step == best["step"] and [r["step"] for r in rows] == [0, 3, 6]
     report = (exp / "report.md").read_text()
     assert "siglit" in report and "siglip" in report
     # Rerunning the same command resumes a finished experiment: nothing is trained again.

@@ -35,7 +35,7 @@ from sweeper.checkpoint import load_checkpoint
 from sweeper.models import DualEncoder, build_tiny, build_tiny_clip, load_pretrained
 from sweeper.spec import TinyModelSpec, TrainSpec, TrialConfig, resolve_trial, validate
 from sweeper.synthetic import vocabulary
-from sweeper.training import make_loss_fn, param_groups, train_step
+from sweeper.training import make_loss_fn, param_groups, train_step, wrap_ddp
 from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import TINY, base_doc
 from tests.test_e2e import run_cli
@@ -303,7 +303,7 @@ def _dist_worker(rank: int, init_file: str, out: str, dirs: dict[str, Path],
             cfg = _ddp_cfg(tmp, dirs, arch, variant, pairs, WORLD)
             model, processor = load_pretrained(cfg.model.pretrained)
             enc = DualEncoder(model, cfg.loss, cfg.freeze_vision)
-            ddp = torch.nn.parallel.DistributedDataParallel(enc)
+            ddp = wrap_ddp(enc, torch.device("cpu"), WORLD)  # as the worker tunes it
             batch = half(make_batch(processor, 8, repeat_labels=pairs != "negative"), rank, WORLD)
             share = _sgd_step(cfg, ddp, enc, batch)
             params = {n: p.detach().clone() for n, p in enc.named_parameters()}

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 import os
+import shutil
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -85,19 +87,23 @@ class _Items(list):
     transform: ImageTransform | None = None
 
 
-def _batch_buffer(n: int, h: int, w: int) -> torch.Tensor:
-    """An uninitialised [n, h, w, 3] uint8 tensor; in a DataLoader worker, allocated in
-    shared memory so that sending the batch to the main process copies nothing (as torch's
-    default_collate does)."""
-    numel = n * h * w * 3
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, allocated in shared memory so that
+    sending the batch to the main process copies nothing (as torch's default_collate
+    does)."""
     if torch.utils.data.get_worker_info() is not None:
         try:
-            proto = torch.empty(0, dtype=torch.uint8)
-            storage = proto._typed_storage()._new_shared(numel, device="cpu")
-            return proto.new(storage).view(n, h, w, 3)
+            proto = torch.empty(0, dtype=dtype)
+            storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+            return proto.new(storage).view(*shape)
         except (AttributeError, RuntimeError):  # private API moved: plain memory
             pass
-    return torch.empty(n, h, w, 3, dtype=torch.uint8)
+    return torch.empty(*shape, dtype=dtype)
+
+
+def _batch_buffer(n: int, h: int, w: int) -> torch.Tensor:
+    """An uninitialised [n, h, w, 3] uint8 tensor (in shared memory in a worker)."""
+    return _shared_empty((n, h, w, 3))
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -238,8 +244,10 @@ class Collate:
         if pixels is not None:
             if len(good_idx) < len(items):
                 pixels = pixels[torch.tensor(good_idx)]
-            if not self.uint8:
-                pixels = items.transform.normalize(pixels)
+            if not self.uint8:  # normalised here, in the worker process when there is one
+                n, h, w, _ = pixels.shape
+                pixels = items.transform.normalize(
+                    pixels, out=_shared_empty((n, 3, h, w), torch.float32))
         else:
             pixels = torch.stack([it["pixel_values"] for it in good])
         texts = [it["text"] for it in good]
@@ -254,6 +262,17 @@ class Collate:
             "skipped": skipped,
             "size": len(good),
         }
+
+
+def trim_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first `n` samples of a collated batch (views: on a GPU, no copy and no sync), so
+    that every rank steps on slices of one shape when one of them lost unreadable images."""
+    if n >= batch["size"]:
+        return batch
+    out = {k: v[:n] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch["size"]
+           else v for k, v in batch.items()}
+    out["size"] = n
+    return out
 
 
 @dataclass
@@ -316,7 +335,9 @@ class DeviceBatches:
     overlaps the step still running); uint8 pixels (`Collate.uint8`: a quarter of the bytes
     of float ones cross processes and PCIe) are normalised there; `augment == "flip"`
     mirrors the images `flip_mask` picks, on the device. Nothing here reads a device value
-    back (no host sync). Other attributes are the DataLoader's."""
+    back, and the only host-to-device copies of a batch are its own tensors: the
+    normalisation constants are copied once per loader and the flip mask once per epoch
+    (a copy from pageable memory blocks the host). Other attributes are the DataLoader's."""
 
     def __init__(self, loader: Any, device: torch.device | None = None,
                  transform: ImageTransform | None = None, augment: str = "none",
@@ -325,6 +346,8 @@ class DeviceBatches:
         self.device = device or torch.device("cpu")
         self.transform, self.augment, self.seed, self.sampler = transform, augment, seed, sampler
         self._flips: tuple[int, torch.Tensor] | None = None
+        self._affine = (transform.affine_on(self.device)
+                        if transform is not None and self.device.type != "cpu" else None)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -340,34 +363,110 @@ class DeviceBatches:
 
     def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One batch of the loader, moved, normalised and augmented."""
-        index = batch.get("index")
         if self.device.type != "cpu":
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
                      else v for k, v in batch.items()}
         px = batch.get("pixel_values")
         if isinstance(px, torch.Tensor) and px.dtype == torch.uint8 and self.transform:
-            px = batch["pixel_values"] = self.transform.normalize(px)
+            px = batch["pixel_values"] = self.transform.normalize(px, affine=self._affine)
+        index = batch.get("index")
         if self.augment == "flip" and isinstance(px, torch.Tensor) and index is not None:
             epoch = getattr(self.sampler, "epoch", 0)
             if self._flips is None or self._flips[0] != epoch:
-                self._flips = (epoch, flip_mask(self.seed, epoch, len(self.loader.dataset)))
-            mask = self._flips[1][index].to(px.device, non_blocking=True)
+                mask = flip_mask(self.seed, epoch, len(self.loader.dataset))
+                self._flips = (epoch, mask.to(self.device))
+            mask = self._flips[1][index]  # a gather on the device
             batch["pixel_values"] = torch.where(mask.view(-1, 1, 1, 1), px.flip(-1), px)
         return batch
 
 
+# The share of /dev/shm's free space that the DataLoaders of one node's trial workers may
+# hold in batches in flight: a worker process hands each batch over in shared memory, and a
+# full /dev/shm kills the loader with a bus error (containers often give it 64 MiB).
+SHM_SHARE = 0.5
+PREFETCH = 2  # batches in flight per DataLoader worker at most (torch's default)
+MAX_LOADER_WORKERS = 32
+
+
+def loader_workers(num_workers: int | str, cpus: float) -> int:
+    """`data.num_workers` as a count: as written, or for `auto` the CPUs the trial worker
+    reserves (`scaling.resources_per_worker.CPU`) less the one its training loop uses,
+    and at least 1, so that decoding always overlaps the step (a GPU worker that names no
+    CPU reserves none: name them, see the README's GPU advice)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    return max(1, min(MAX_LOADER_WORKERS, math.floor(cpus + 1e-9) - 1))
+
+
+def batch_nbytes(n: int, transform: ImageTransform | None, max_length: int,
+                 pixel_bytes: int = 1) -> int:
+    """Bytes of one collated batch of `n` samples as a DataLoader worker hands it over:
+    pixels [n, H, W, 3] at the model's input size (uint8: `pixel_bytes` 1; float32,
+    normalised in the worker: 4), int64 token ids and attention mask [n, L], and int64
+    labels and indices."""
+    h, w = (transform.output_size or (transform.height, transform.width)) if transform \
+        else (0, 0)
+    return n * (h * w * 3 * pixel_bytes + 2 * 8 * max_length + 2 * 8)
+
+
+def shm_free_bytes(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the shared-memory filesystem (None where there is none)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def plan_loader(num_workers: int, nbytes: int, local_ranks: int = 1,
+                shm_free: int | None = None, prefetch: int = PREFETCH
+                ) -> tuple[int, int, str | None]:
+    """(DataLoader workers, prefetch_factor, a note when they were lowered) such that the
+    batches in flight (workers x prefetch, each `nbytes`) of the `local_ranks` trial
+    workers on this node fit `SHM_SHARE` of `shm_free`. With too little shared memory for
+    one batch per worker, fewer workers; for none, decoding in the training process."""
+    if num_workers <= 0 or shm_free is None or nbytes <= 0:
+        return num_workers, prefetch, None
+    budget = int(shm_free * SHM_SHARE) // max(1, local_ranks)
+    fits = budget // nbytes  # batches in flight this rank may hold
+    if fits >= num_workers * prefetch:
+        return num_workers, prefetch, None
+    workers = min(num_workers, fits)
+    pf = max(1, fits // workers) if workers else prefetch
+    mib = shm_free / 2**20
+    note = (f"/dev/shm has {mib:.0f} MiB free for {local_ranks} trial worker(s) and a batch "
+            f"takes {nbytes / 2**20:.1f} MiB: {workers} DataLoader workers (of "
+            f"{num_workers}) x {pf} batches in flight; enlarge /dev/shm (docker "
+            "--shm-size, a Kubernetes emptyDir of medium Memory) to feed the GPU")
+    return workers, pf, note
+
+
 def make_loader(ds: torch.utils.data.Dataset, sampler: Any, collate: Any, num_workers: int,
                 pin_memory: bool = False, device: torch.device | None = None,
-                augment: str = "none", seed: int = 0) -> DeviceBatches:
+                augment: str = "none", seed: int = 0, local_ranks: int = 1) -> DeviceBatches:
     """A DataLoader over a batch sampler (workers persist across epochs when there are any),
     its batches delivered on `device` by `DeviceBatches`.
 
-    With an `ImageTextDataset` and a `Collate`, decoded images cross from the workers as
-    uint8 and are normalised once per batch, on the device."""
+    With an `ImageTextDataset` and a `Collate`, decoded images bound for an accelerator
+    cross from the workers as uint8 (a quarter of the bytes through shared memory and
+    PCIe) and are normalised once per batch, on the device; bound for the CPU, they are
+    normalised in the worker processes, off the training process. The workers and their
+    prefetching are bounded by the shared memory of this node (`plan_loader`), shared by
+    its `local_ranks` trial workers."""
     transform = getattr(ds, "transform", None)
-    wrap = isinstance(collate, Collate) and isinstance(transform, ImageTransform)
+    images = isinstance(collate, Collate) and isinstance(transform, ImageTransform)
+    wrap = images and device is not None and device.type != "cpu"
     if wrap:
         collate = dataclasses.replace(collate, uint8=True)
+    prefetch = PREFETCH
+    if num_workers > 0:
+        first = next(iter(sampler), [])
+        nbytes = batch_nbytes(len(first), transform if images else None,
+                              getattr(collate, "max_length", 0), 1 if wrap else 4)
+        num_workers, prefetch, note = plan_loader(num_workers, nbytes, local_ranks,
+                                                  shm_free_bytes())
+        if note and note not in _WARNED:
+            _WARNED.add(note)
+            log.warning("loader: %s", note)
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=sampler,
@@ -377,5 +476,6 @@ def make_loader(ds: torch.utils.data.Dataset, sampler: Any, collate: Any, num_wo
         # The batch sampler runs in this process, so a persistent worker still sees each
         # epoch's new order; keeping workers alive saves their start-up every epoch.
         persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch if num_workers > 0 else None,
     )
     return DeviceBatches(loader, device, transform if wrap else None, augment, seed, sampler)

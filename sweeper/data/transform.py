@@ -137,13 +137,21 @@ class ImageTransform:
                      dtype=np.float32).reshape(3, 1, 1)
         return a, b
 
-    def normalize(self, arr: np.ndarray | torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+    def affine_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rescale / std, mean / std) as [3, 1, 1] float32 tensors on `device`: made once
+        by whoever normalises there (`DeviceBatches`), since each copy to a GPU from
+        pageable memory blocks the host."""
+        a, b = self._affine
+        return torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+
+    def normalize(self, arr: np.ndarray | torch.Tensor, out: torch.Tensor | None = None,
+                  affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """HWC (or NHWC) uint8 -> CHW (NCHW) float32, rescaled and normalised, written into
         `out` when given. One fused multiply-subtract, x * (rescale / std) - mean / std:
-        HF's (x * rescale - mean) / std up to float32 rounding (within 1e-6)."""
+        HF's (x * rescale - mean) / std up to float32 rounding (within 1e-6). A tensor on
+        another device is normalised there, with `affine` (`affine_on`) when given."""
         if isinstance(arr, torch.Tensor) and arr.device.type != "cpu":
-            a, b = (torch.from_numpy(v).to(arr.device) for v in self._affine)
+            a, b = affine if affine is not None else self.affine_on(arr.device)
             return arr.movedim(-1, -3).float().mul_(a).sub_(b)
         x = arr.numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
         x = np.moveaxis(x, -1, -3)
