@@ -99,7 +99,8 @@ def ray_trials(doc: dict[str, Any]) -> dict[bool, list[dict[str, Any]]]:
     from sweeper.experiment import prepare_experiment
     from sweeper.orchestration import run_sweep
     from sweeper.sink import TrialSink, trial_dir
-    from sweeper.spec import trial_configs, validate
+    from sweeper.spec import validate
+    from sweeper.trials import trial_configs
 
     spec = prepare_experiment(validate(doc), None, new=True)
     result = run_sweep(spec, verbose=0)

@@ -55,8 +55,9 @@ from sweeper import data as D
 from sweeper.collectives import Agreement
 from sweeper.models import DualEncoder, load_pretrained
 from sweeper.sink import atomic_write_json
-from sweeper.spec import DataSpec, ModelSpec, SweepSpec, trial_configs
+from sweeper.spec import DataSpec, ModelSpec, SweepSpec
 from sweeper.training import autocast_for, resolve_precision
+from sweeper.trials import trial_configs
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from sweeper.grid import grid_axes
 from sweeper.sink import TrialSink, atomic_write_bytes, atomic_write_json, read_json, trial_dir
-from sweeper.spec import SpecError, SweepSpec, spec_fingerprint, trial_configs
+from sweeper.spec import SpecError, SweepSpec, spec_fingerprint
+from sweeper.trials import trial_configs
 
 FINISHED = ("terminated", "diverged")
 

@@ -2,7 +2,7 @@
 deterministic trial name of each point (the trial's folder and Tune's trial name).
 
 Pure functions of a validated `SweepSpec` (`sweeper.spec`); the orchestration hands the
-axes to `tune.grid_search`, and `spec.trial_configs` resolves each point into a trial.
+axes to `tune.grid_search`, and `trials.trial_configs` resolves each point into a trial.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ from sweeper.sink import (
     first_error_line,
     trial_dir,
 )
-from sweeper.spec import ScalingSpec, SpecError, SweepSpec, TrialConfig, resolve_trial
+from sweeper.spec import ScalingSpec, SpecError, SweepSpec, TrialConfig
+from sweeper.trials import resolve_trial
 
 log = logging.getLogger(__name__)
 

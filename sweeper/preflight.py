@@ -19,7 +19,8 @@ from sweeper import data as D
 from sweeper.experiment import check_storage, plan_experiment
 from sweeper.models import check_loadable
 from sweeper.resources import check_fits, local_nodes
-from sweeper.spec import SpecError, SweepSpec, sweep_models
+from sweeper.spec import SpecError, SweepSpec
+from sweeper.trials import sweep_models
 
 # The package each logger of `loggers` needs, as Ray's callbacks import it.
 LOGGER_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}

@@ -15,7 +15,8 @@ from typing import Any
 from sweeper import data as D
 from sweeper.models import PRESETS, hub_snapshot, local_checkpoint
 from sweeper.pretrain import ensure_tiny
-from sweeper.spec import ModelSpec, SweepSpec, TrialConfig, model_key, sweep_models, trial_configs
+from sweeper.spec import ModelSpec, SweepSpec, TrialConfig
+from sweeper.trials import model_key, sweep_models, trial_configs
 
 
 def resolve_checkpoint(model_spec: ModelSpec, cache_dir: str | Path | None = None) -> str:

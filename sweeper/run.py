@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from sweeper.spec import SpecError, SweepSpec, load_spec, trial_configs
+from sweeper.spec import SpecError, SweepSpec, load_spec
+from sweeper.trials import trial_configs
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -374,7 +374,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _apply_override(doc: dict[str, Any], keys: list[str], value: Any) -> None:
+def apply_override(doc: dict[str, Any], keys: list[str], value: Any) -> None:
     node = doc
     for i, k in enumerate(keys[:-1]):
         child = node.get(k)
@@ -436,7 +436,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
         raise SpecError(f"{p}: cannot read search space ({type(e).__name__})") from None
     doc = parse_yaml(text, str(p))
     for item in overrides or []:
-        _apply_override(doc, *_parse_override(item))
+        apply_override(doc, *_parse_override(item))
     _check_size(doc, str(p))
     return validate(doc, base_dir=p.parent)
 
@@ -623,7 +623,7 @@ def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:
     for i, v in enumerate(values):
         doc = spec.model_dump(exclude_unset=True)
         doc["grid"] = {k: val for k, val in doc["grid"].items() if "." not in k}
-        _apply_override(doc, parts, v)
+        apply_override(doc, parts, v)
         try:
             SweepSpec.model_validate(doc)
         except ValidationError as e:
@@ -633,68 +633,6 @@ def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:
             if first["type"] == "extra_forbidden":
                 msg = "unknown key"
             raise SpecError(f"{path}[{i}]: {loc}: {msg}".splitlines()[0]) from None
-
-
-# --------------------------------------------------------------------------- grid
-
-
-def resolve_trial(spec: SweepSpec, point: dict[str, Any],
-                  model_paths: dict[str, str] | None = None) -> TrialConfig:
-    """Apply a grid point (variant overrides, then dotted axes) to the spec; `model_paths`
-    ({model spec JSON: checkpoint directory}, from `sweeper.prepare`) gives `model_path`."""
-    var = spec.variants[point["variant"]]
-    model = spec.model.model_validate({**spec.model.model_dump(exclude_unset=True), **var.model})
-    train = spec.train.model_validate({**spec.train.model_dump(exclude_unset=True), **var.train})
-    sections: dict[str, Any] = {
-        "model": model.model_dump(exclude_unset=True),
-        "train": train.model_dump(exclude_unset=True),
-        "eval": spec.eval.model_dump(exclude_unset=True),
-        "data": spec.data.model_dump(exclude_unset=True),
-        "checkpoint": spec.checkpoint.model_dump(exclude_unset=True),
-    }
-    for key, value in point.items():
-        if "." in key:
-            _apply_override(sections, key.split("."), value)
-    model = ModelSpec.model_validate(sections["model"])
-    return TrialConfig(
-        trial_id=trial_id_for(point),
-        experiment=spec.name,
-        variant=point["variant"],
-        loss=var.loss,
-        freeze_vision=var.freeze_vision,
-        text_source=point["text_source"],
-        batch_size=int(point["batch_size"]),
-        n_train_classes=int(point["n_train_classes"]),
-        seed=int(point["seed"]),
-        axes=dict(point),
-        model=model,
-        model_path=(model_paths or {}).get(model_key(model)),
-        data=DataSpec.model_validate(sections["data"]),
-        train=TrainSpec.model_validate(sections["train"]),
-        eval=EvalSpec.model_validate(sections["eval"]),
-        checkpoint=CheckpointSpec.model_validate(sections["checkpoint"]),
-        scaling=spec.scaling,
-    )
-
-
-def model_key(model: ModelSpec) -> str:
-    """The key of a model spec in a `model_paths` mapping (see `resolve_trial`)."""
-    return model.model_dump_json()
-
-
-def trial_configs(spec: SweepSpec,
-                  model_paths: dict[str, str] | None = None) -> list[TrialConfig]:
-    """Every trial of the sweep, resolved, in grid order."""
-    return [resolve_trial(spec, p, model_paths) for p in grid_points(spec)]
-
-
-def sweep_models(spec: SweepSpec) -> list[ModelSpec]:
-    """The distinct model specs the sweep's trials start from (variants and grid axes may
-    override `model`)."""
-    models: dict[str, ModelSpec] = {}
-    for t in trial_configs(spec):
-        models.setdefault(model_key(t.model), t.model)
-    return list(models.values())
 
 
 def spec_fingerprint(spec: SweepSpec) -> str:

@@ -36,7 +36,8 @@ from analysis import reference
 from analysis.report import main, write_report
 from sweeper.grid import grid_axes
 from sweeper.sink import first_error_line
-from sweeper.spec import spec_fingerprint, trial_configs, validate
+from sweeper.spec import spec_fingerprint, validate
+from sweeper.trials import trial_configs
 from tests.conftest import table_after
 
 ROOT = Path(__file__).resolve().parents[1]

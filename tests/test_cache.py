@@ -18,8 +18,9 @@ from sweeper import cache as C
 from sweeper import data as D
 from sweeper.models import DualEncoder, load_pretrained
 from sweeper.prepare import model_paths, resolve_checkpoint, with_model_path
-from sweeper.spec import ModelSpec, SpecError, TinyModelSpec, resolve_trial, validate
+from sweeper.spec import ModelSpec, SpecError, TinyModelSpec, validate
 from sweeper.synthetic import generate
+from sweeper.trials import resolve_trial
 from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import TINY, base_doc
 

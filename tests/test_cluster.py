@@ -32,7 +32,8 @@ import pytest
 import yaml
 
 from analysis.report import write_report
-from sweeper.spec import trial_configs, validate
+from sweeper.spec import validate
+from sweeper.trials import trial_configs
 from tests.conftest import base_doc
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,7 +40,7 @@ from sweeper.collectives import Agreement
 from sweeper.experiment import storage_is_remote
 from sweeper.models import DualEncoder, build_tiny, is_pil_backend, load_pretrained
 from sweeper.prepare import with_model_path
-from sweeper.spec import TinyModelSpec, TrainSpec, resolve_trial, validate
+from sweeper.spec import TinyModelSpec, TrainSpec, validate
 from sweeper.synthetic import dataset_dir, vocabulary
 from sweeper.training import (
     configure_matmul,
@@ -51,6 +51,7 @@ from sweeper.training import (
     use_tf32,
     wrap_ddp,
 )
+from sweeper.trials import resolve_trial
 from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import SYNTH, TINY, base_doc
 

@@ -17,7 +17,8 @@ from sweeper.experiment import prepare_experiment, storage_path
 from sweeper.orchestration import describe_failure
 from sweeper.preflight import preflight
 from sweeper.resources import DRIVER_CPU, check_fits, local_nodes, trials_at_once, worker_resources
-from sweeper.spec import ScalingSpec, SpecError, trial_configs, validate
+from sweeper.spec import ScalingSpec, SpecError, validate
+from sweeper.trials import trial_configs
 from tests.conftest import base_doc
 
 ROOT = Path(__file__).resolve().parents[1]

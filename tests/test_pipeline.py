@@ -16,9 +16,10 @@ from sweeper.losses import sigmoid_loss
 from sweeper.models import DualEncoder, load_pretrained
 from sweeper.prepare import resolve_checkpoint, with_model_path
 from sweeper.sink import TrialSink
-from sweeper.spec import ModelSpec, TinyModelSpec, resolve_trial, validate
+from sweeper.spec import ModelSpec, TinyModelSpec, validate
 from sweeper.synthetic import class_table, generate
 from sweeper.training import train_step
+from sweeper.trials import resolve_trial
 from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import SYNTH, TINY, base_doc
 

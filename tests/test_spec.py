@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from sweeper.grid import grid_points
 from sweeper.run import main
-from sweeper.spec import SpecError, load_spec, trial_configs, validate
+from sweeper.spec import SpecError, load_spec, validate
+from sweeper.trials import trial_configs
 from tests.conftest import base_doc
 
 ROOT = Path(__file__).resolve().parents[1]

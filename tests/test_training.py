@@ -23,9 +23,10 @@ from sweeper.evaluation import Evaluator, val_loader, zero_shot_metrics
 from sweeper.models import DualEncoder, load_pretrained, text_max_length
 from sweeper.prepare import resolve_checkpoint, with_model_path
 from sweeper.sink import TrialSink, read_jsonl
-from sweeper.spec import ModelSpec, TinyModelSpec, TrainSpec, TrialConfig, resolve_trial, validate
+from sweeper.spec import ModelSpec, TinyModelSpec, TrainSpec, TrialConfig, validate
 from sweeper.synthetic import dataset_dir
 from sweeper.training import lr_lambda, param_groups, resolve_precision, train_step
+from sweeper.trials import resolve_trial
 from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import SYNTH, TINY, base_doc
 

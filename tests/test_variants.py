@@ -33,9 +33,10 @@ from safetensors.torch import load_file
 
 from sweeper.checkpoint import load_checkpoint
 from sweeper.models import DualEncoder, build_tiny, build_tiny_clip, load_pretrained
-from sweeper.spec import TinyModelSpec, TrainSpec, TrialConfig, resolve_trial, validate
+from sweeper.spec import TinyModelSpec, TrainSpec, TrialConfig, validate
 from sweeper.synthetic import vocabulary
 from sweeper.training import make_loss_fn, param_groups, train_step, wrap_ddp
+from sweeper.trials import resolve_trial
 from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import TINY, base_doc
 from tests.test_e2e import run_cli
