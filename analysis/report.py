@@ -22,10 +22,11 @@ import pyarrow as pa
 from analysis import reference
 from analysis import tables as T
 from analysis.collect import Experiment, ExperimentNotFound, read_experiment
-from analysis.dataset import ReadOnlyLocation, output_dir, write_tables
+from analysis.dataset import ReadOnlyLocation, output_dir, output_lines, publish, write_tables
 from analysis.importance import importance, render_importance
 from analysis.plots import write_plots
 from sweeper.sink import atomic_write_bytes
+from sweeper.spec import SpecError
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
@@ -256,7 +257,7 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
     text, _ = build_markdown(exp, trials, history, out, plots_dir)
     report = out / REPORT_FILE
     atomic_write_bytes(report, text.encode("utf-8"))
-    return {**paths, "report": report, "plots": plots_dir}
+    return publish(experiment_dir, out_dir, {**paths, "report": report, "plots": plots_dir})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         paths = write_report(args.experiment, out_dir=args.out)
-    except (ExperimentNotFound, ReadOnlyLocation, pa.ArrowInvalid) as e:
+    except (ExperimentNotFound, ReadOnlyLocation, SpecError, pa.ArrowInvalid) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, quota: every earlier output is still whole
@@ -283,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: could not write the report{where}: {e.strerror or e}; the previous "
               "outputs are unchanged", file=sys.stderr)
         return 1
-    for key, path in paths.items():
-        print(f"{key}: {path}")
+    for line in output_lines(args.experiment, args.out, paths):
+        print(line)
     return 0
 
 

@@ -52,8 +52,8 @@ import torch
 
 from sweeper import data as D
 from sweeper.models import DualEncoder, load_pretrained
-from sweeper.sink import atomic_write_json
 from sweeper.spec import DataSpec, ModelSpec, SweepSpec, trial_configs
+from sweeper.storage import Location, atomic_write_json, publish_dir, pull_dir
 from sweeper.training import autocast_for, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,14 @@ def cache_root(data_spec: Any, trial_dir: str | Path | None = None,
     if t.parent.name == "trials":
         return t.parents[2] / ".cache"
     return t / ".cache"
+
+
+def remote_cache(trial_location: Location | None) -> Location | None:
+    """`<storage>/.cache` in the bucket, from a trial's folder there
+    (`<storage>/<name>/trials/<id>`); None on local storage."""
+    if trial_location is None or not trial_location.remote:
+        return None
+    return trial_location.parent.parent.parent / ".cache"
 
 
 def _sha(obj: Any) -> str:
@@ -194,17 +202,23 @@ def _complete(directory: Path) -> bool:
     return (directory / "meta.json").is_file()
 
 
-def ensure_store(directory: Path, build: Callable[[Path], dict[str, Any]]) -> ArrayStore:
+def ensure_store(directory: Path, build: Callable[[Path], dict[str, Any]],
+                 remote: Location | None = None) -> ArrayStore:
     """The store in `directory`, built by `build(tmp_dir)` (which writes data.npy and
     ok.npy and returns metadata) if absent: under a file lock beside it, in a temporary
     folder renamed into place, so concurrent builders build once and readers never see a
-    partial store."""
+    partial store. With `remote` (the store's folder in the bucket, when `storage` is
+    one) a store another node built is copied from there instead, and one built here is
+    uploaded there (meta.json last)."""
     if _complete(directory):
         return ArrayStore(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _complete(directory):
+            return ArrayStore(directory)
+        if remote is not None and _pull(remote, directory):
+            log.info("cache: copied %s from %s", directory.name, remote)
             return ArrayStore(directory)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
         try:
@@ -216,8 +230,21 @@ def ensure_store(directory: Path, build: Callable[[Path], dict[str, Any]]) -> Ar
             os.replace(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if remote is not None:
+            try:
+                publish_dir(directory, remote, "meta.json")
+            except OSError as e:  # the other nodes build their own copy
+                log.warning("cache: could not upload %s to %s: %s", directory.name, remote, e)
     log.info("cache: built %s in %.1fs", directory, ArrayStore(directory).meta["build_s"])
     return ArrayStore(directory)
+
+
+def _pull(remote: Location, directory: Path) -> bool:
+    try:
+        return pull_dir(remote, directory, "meta.json")
+    except OSError as e:  # unreachable now: build it here instead
+        log.warning("cache: could not copy %s from %s: %s", directory.name, remote, e)
+        return False
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -273,8 +300,10 @@ def _write_rows(tmp: Path, n: int, batches: Iterator[tuple[np.ndarray, np.ndarra
 
 
 def ensure_image_cache(root: Path, listing: SplitListing, transform: D.ImageTransform,
-                       batch_size: int = 64, num_workers: int = 0) -> ArrayStore:
-    """The decode-once uint8 store of a split, built if absent."""
+                       batch_size: int = 64, num_workers: int = 0,
+                       remote: Location | None = None) -> ArrayStore:
+    """The decode-once uint8 store of a split, built if absent (or copied from `remote`,
+    the bucket's counterpart of `root`)."""
     key = image_key(transform, listing)
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -287,16 +316,18 @@ def ensure_image_cache(root: Path, listing: SplitListing, transform: D.ImageTran
                 "split": listing.split, "root": listing.root,
                 "transform": transform_settings(transform)}
 
-    return ensure_store(root / "images" / key, build)
+    return ensure_store(root / "images" / key, build,
+                        remote / "images" / key if remote is not None else None)
 
 
 @torch.no_grad()
 def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.ImageTransform,
                          enc: Any, checkpoint: dict[str, Any], precision: str,
                          device: torch.device, batch_size: int = 256,
-                         num_workers: int = 0) -> ArrayStore:
+                         num_workers: int = 0, remote: Location | None = None) -> ArrayStore:
     """The frozen-tower feature store of a split, built with `enc` (a `DualEncoder` whose
-    vision tower is the checkpoint's, frozen) if absent."""
+    vision tower is the checkpoint's, frozen) if absent (or copied from `remote`, the
+    bucket's counterpart of `root`)."""
     key = feature_key(checkpoint, transform, listing, precision)
     autocast = autocast_for(precision, device)
 
@@ -319,7 +350,8 @@ def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.ImageTr
                 "precision": precision, "device": str(device),
                 "transform": transform_settings(transform)}
 
-    return ensure_store(root / "features" / key, build)
+    return ensure_store(root / "features" / key, build,
+                        remote / "features" / key if remote is not None else None)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -424,6 +456,7 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
         log.warning("cache: data.format %r is not cached; decoding instead", cfg.data.format)
         return plain
     root = cache_root(cfg.data, ctx.trial_dir)
+    remote = remote_cache(getattr(ctx, "remote", None))
     droot = D.data_root(cfg.data, ctx.cache_dir)
     t0 = time.time()
     try:
@@ -438,7 +471,8 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
         nw = cfg.data.num_workers
         stores = _rank0_first(ctx, lambda: {
             s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
-                                    ctx.device, cfg.eval.batch_size, nw) for s in SPLITS})
+                                    ctx.device, cfg.eval.batch_size, nw, remote)
+            for s in SPLITS})
         mine = np.arange(ctx.rank, len(td.val_samples), ctx.world_size)
         rows = val_rows[mine]
         ok = stores["val"].ok[rows]
@@ -450,7 +484,7 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
     else:
         stores = _rank0_first(ctx, lambda: {
             s: ensure_image_cache(root, listings[s], transform, cfg.eval.batch_size,
-                                  cfg.data.num_workers) for s in SPLITS})
+                                  cfg.data.num_workers, remote) for s in SPLITS})
         val_store = stores["val"]
 
         def wrap_val(ds: D.ImageTextDataset) -> D.ImageTextDataset:
@@ -480,12 +514,15 @@ class CacheJob:
     cache_dir: str | None
     batch_size: int
     trial_id: str  # a trial that needs it (for messages)
+    remote: Location | None = None  # <storage>/.cache when storage is a bucket
 
 
 def cache_jobs(spec: SweepSpec, storage: str | Path, model_paths: dict[str, str],
-               cache_dir: str | None = None) -> list[CacheJob]:
+               cache_dir: str | None = None, remote: Location | None = None
+               ) -> list[CacheJob]:
     """The distinct stores the sweep's trials read, one job each (deduplicated);
-    `model_paths` as `sweeper.prepare.model_paths` gives them."""
+    `model_paths` as `sweeper.prepare.model_paths` gives them. `storage`: a local path
+    (the node-local mirror of a bucket, whose `.cache` is `remote`)."""
     jobs: dict[tuple[str, ...], CacheJob] = {}
     for t in trial_configs(spec, model_paths):
         kind = "features" if uses_feature_cache(t) else "images" if t.data.cache_images \
@@ -496,9 +533,16 @@ def cache_jobs(spec: SweepSpec, storage: str | Path, model_paths: dict[str, str]
         job = CacheJob(kind, t.model.model_dump_json(), str(t.model_path),
                        t.data.model_dump_json(), precision,
                        str(cache_root(t.data, storage=storage)), cache_dir,
-                       t.eval.batch_size, t.trial_id)
+                       t.eval.batch_size, t.trial_id, remote)
         jobs.setdefault((kind, job.model_json, job.data_json, precision), job)
-    return [j for j in jobs.values() if not job_marker(j).is_file()]
+    return [j for j in jobs.values() if not _job_done(j)]
+
+
+def _job_done(job: CacheJob) -> bool:
+    marker = job_marker(job)
+    if marker.is_file():
+        return True
+    return job.remote is not None and (job.remote / "jobs" / marker.name).is_file()
 
 
 def job_marker(job: CacheJob) -> Path:
@@ -531,11 +575,15 @@ def run_job(job: CacheJob) -> dict[str, Any]:
         ckpt = checkpoint_fingerprint(job.model_path)
         enc = DualEncoder(model, "softmax", freeze_vision=True).to(device)
         stores = {s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
-                                          device, job.batch_size, nw) for s in SPLITS}
-    else:
-        stores = {s: ensure_image_cache(root, listings[s], transform, job.batch_size, nw)
+                                          device, job.batch_size, nw, job.remote)
                   for s in SPLITS}
+    else:
+        stores = {s: ensure_image_cache(root, listings[s], transform, job.batch_size, nw,
+                                        job.remote) for s in SPLITS}
     out = {"kind": job.kind, "stores": {s: str(st.dir) for s, st in stores.items()},
            "seconds": time.time() - t0, "device": str(device), "trial": job.trial_id}
-    atomic_write_json(job_marker(job), out)
+    marker = job_marker(job)
+    atomic_write_json(marker, out)
+    if job.remote is not None:
+        (job.remote / "jobs" / marker.name).write_json(out)
     return out
