@@ -20,7 +20,6 @@ Object stores hold no caches: stores that trials memory-map live in a node-local
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -320,9 +319,12 @@ def _build_filesystem(storage: str, options: Mapping[str, Any]) -> tuple[pafs.Fi
     return fs, (str(_local_path(path)) if kind == "local" else path.rstrip("/"))
 
 
-@functools.lru_cache(maxsize=64)
-def _resolve(storage: str, options_json: str) -> Location:
-    options = json.loads(options_json)
+def resolve(storage: str | Path, options: Mapping[str, Any] | None = None) -> Location:
+    """The Location of `storage` (a path or URI) on the filesystem `options` describes
+    (`storage_filesystem`), or the one pyarrow resolves from the URI (reading the cloud's
+    settings and credentials from the environment as it is now). Raises SpecError (one
+    line) for an unknown scheme or bad options."""
+    storage = str(storage)
     if options:
         fs, path = _build_filesystem(storage, options)
         kind = options.get("type")
@@ -336,7 +338,7 @@ def _resolve(storage: str, options_json: str) -> Location:
     try:
         fs, path = pafs.FileSystem.from_uri(storage)
     except OSError as e:  # S3 region lookup of a bucket that cannot be reached
-        raise SpecError(f"storage: {storage!r}: cannot reach it: {_cause(e)}") from None
+        raise SpecError(f"storage: {storage!r}: {_cause(e)}") from None
     except Exception:  # pyarrow does not know the scheme: perhaps fsspec does
         try:
             import fsspec
@@ -351,26 +353,23 @@ def _resolve(storage: str, options_json: str) -> Location:
     return Location(fs, path.rstrip("/"), scheme)
 
 
-def resolve(storage: str | Path, options: Mapping[str, Any] | None = None) -> Location:
-    """The Location of `storage` (a path or URI) on the filesystem `options` describes
-    (`storage_filesystem`), or the one pyarrow resolves from the URI. Raises SpecError
-    (one line) for an unknown scheme or bad options."""
-    return _resolve(str(storage), json.dumps(dict(options or {}), sort_keys=True))
-
-
 # --------------------------------------------------------------------------- preflight
 
 _CAUSES = (  # what the AWS/GCS errors that pyarrow passes on mean, in the user's words
     (r"NETWORK_CONNECTION|Could not (connect|resolve)|curlCode|Connection refused|timed out",
-     "the endpoint cannot be reached"),
+     "cannot reach the endpoint"),
     (r"INVALID_ACCESS_KEY_ID|InvalidAccessKeyId|SIGNATURE_DOES_NOT_MATCH|"
      r"SignatureDoesNotMatch|No credentials|credentials|ExpiredToken|UNAUTHENTICATED",
-     "the credentials were refused or are missing (AWS_ACCESS_KEY_ID and "
+     "the credentials were refused (AWS_ACCESS_KEY_ID and "
      "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role; for gs:// "
      "GOOGLE_APPLICATION_CREDENTIALS)"),
-    (r"ACCESS_DENIED|AccessDenied|Forbidden|403|PERMISSION_DENIED",
+    (r"ACCESS_DENIED|AccessDenied|Forbidden|PERMISSION_DENIED",
      "access denied: these credentials may not use it"),
     (r"NO_SUCH_BUCKET|NoSuchBucket|bucket does not exist", "the bucket does not exist"),
+    # What the AWS SDK reports when its provider chain found no credentials at all.
+    (r"INTERNAL_FAILURE during \w+ operation: ?$",
+     "no credentials were found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+     "AWS_PROFILE, or give the node an instance role)"),
 )
 
 
@@ -385,12 +384,14 @@ def _cause(e: BaseException) -> str:
 def check_remote(root: Location, label: str) -> None:
     """Refuse a remote storage that cannot be reached, whose credentials are missing or
     refused, or where they may not write: one line naming `label` (the URI) and the
-    cause. Writes one small object and deletes it again."""
+    cause. Lists it (a listing's error names its cause, a HEAD's cannot), then writes one
+    small object and deletes it again."""
+    assert root.fs is not None
     try:
-        info = root._info()
+        root.fs.get_file_info(pafs.FileSelector(root.fs_path, allow_not_found=True))
     except OSError as e:
-        raise SpecError(f"storage: {label!r}: cannot reach it: {_cause(e)}") from None
-    if info.type == pafs.FileType.File:
+        raise SpecError(f"storage: {label!r}: {_cause(e)}") from None
+    if root.is_file():
         raise SpecError(f"storage: {label!r} is a file, not a folder")
     probe = root / f".sweeper-write-check-{uuid.uuid4().hex}"
     try:
