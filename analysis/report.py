@@ -5,8 +5,9 @@
 Works on a finished, interrupted or still-running sweep: trials that have not started are
 `pending`, interrupted ones `running`, and only finished (`terminated`) trials enter the
 aggregated cells. `EXPERIMENT_DIR` may also be a `s3://`, `gs://` or `file://` URI, read
-through `pyarrow.fs`; the outputs then go to the local `--out` folder. Prints one
-`key: path` line per output and exits 0; exits 2 when the location is not an experiment.
+through `pyarrow.fs`; the outputs then go into the bucket too (written to a local copy
+first, then uploaded whole), or to the local `--out` folder. Prints one `key: path` line
+per output and exits 0; exits 2 when the location is not an experiment.
 """
 
 from __future__ import annotations
@@ -242,8 +243,8 @@ def build_markdown(
 def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write trials/history/per_class Parquet, `report.md` and `plots/` for an experiment.
 
-    Outputs go into the experiment directory, or `out_dir` when given (required for a
-    URI experiment). Returns their paths keyed `trials`, `history`, `per_class` (only when
+    Outputs go into the experiment directory (for a bucket: its local copy, then uploaded,
+    `analysis.dataset.publish`), or `out_dir` when given. Returns their paths keyed `trials`, `history`, `per_class` (only when
     some trial saved per-class accuracy), `report` and `plots` (the folder). Raises
     ExperimentNotFound when the location holds no sweep.json and no trials/.
     """
@@ -262,8 +263,7 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: write the report, print `key: path` per output, return the exit
-    status (0 done, 1 a write failed (disk full), 2 not an experiment or a URI without
-    --out)."""
+    status (0 done, 1 a write failed (disk full), 2 not an experiment or no such storage)."""
     parser = argparse.ArgumentParser(
         prog="python -m analysis.report",
         description="Build Parquet tables, report.md and plots for a sweep's experiment "

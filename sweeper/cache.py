@@ -14,7 +14,10 @@ one copy per machine, whatever the number of trials, workers and DataLoader proc
   the dataset normalises the rows of each batch to float (`ImageTransform.normalize`,
   straight into the batch tensor), exactly as it does freshly decoded images.
 
-`<root>` is `data.cache_dir` if set, else `<storage>/.cache`. A store's `<key>` is a
+`<root>` is `data.cache_dir` if set, else `<storage>/.cache`; when `storage` is a bucket,
+the `.cache` of its node-local mirror (`sweeper.storage.mirror_dir`), and a store built on
+one node is uploaded to `<storage>/.cache/...` (meta.json last) for the others to copy
+instead of building it (`ensure_store(remote=...)`); stores are never read over the network. A store's `<key>` is a
 content hash of everything its rows depend on: the checkpoint (directory or hub id, its
 config.json and the size and mtime of its files), the image transform's settings, the
 split and the list of `(path, size, mtime_ns)` of the split's files (and, for features,
