@@ -55,10 +55,6 @@ def write_parquet_file(path: str | Path, table: pa.Table) -> Path:
     return path
 
 
-class ReadOnlyLocation(ValueError):
-    """Outputs were asked for where they cannot be written."""
-
-
 def output_dir(experiment_dir: str | Path, out_dir: str | Path | None) -> Path:
     """Where the analysis writes: `out_dir`; else the experiment directory itself, or, for
     an experiment in a bucket (`s3://...`), its node-local copy

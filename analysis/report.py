@@ -23,7 +23,7 @@ import pyarrow as pa
 from analysis import reference
 from analysis import tables as T
 from analysis.collect import Experiment, ExperimentNotFound, read_experiment
-from analysis.dataset import ReadOnlyLocation, output_dir, output_lines, publish, write_tables
+from analysis.dataset import output_dir, output_lines, publish, write_tables
 from analysis.importance import importance, render_importance
 from analysis.plots import write_plots
 from sweeper.sink import atomic_write_bytes
@@ -244,9 +244,10 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
     """Write trials/history/per_class Parquet, `report.md` and `plots/` for an experiment.
 
     Outputs go into the experiment directory (for a bucket: its local copy, then uploaded,
-    `analysis.dataset.publish`), or `out_dir` when given. Returns their paths keyed `trials`, `history`, `per_class` (only when
-    some trial saved per-class accuracy), `report` and `plots` (the folder). Raises
-    ExperimentNotFound when the location holds no sweep.json and no trials/.
+    `analysis.dataset.publish`), or `out_dir` when given. Returns their paths keyed
+    `trials`, `history`, `per_class` (only when some trial saved per-class accuracy),
+    `report` and `plots` (the folder). Raises ExperimentNotFound when the location holds
+    no sweep.json and no trials/.
     """
     exp = read_experiment(experiment_dir)
     out = output_dir(experiment_dir, out_dir)
@@ -276,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         paths = write_report(args.experiment, out_dir=args.out)
-    except (ExperimentNotFound, ReadOnlyLocation, SpecError, pa.ArrowInvalid) as e:
+    except (ExperimentNotFound, SpecError, pa.ArrowInvalid) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, quota: every earlier output is still whole

@@ -17,13 +17,14 @@ one copy per machine, whatever the number of trials, workers and DataLoader proc
 `<root>` is `data.cache_dir` if set, else `<storage>/.cache`; when `storage` is a bucket,
 the `.cache` of its node-local mirror (`sweeper.storage.mirror_dir`), and a store built on
 one node is uploaded to `<storage>/.cache/...` (meta.json last) for the others to copy
-instead of building it (`ensure_store(remote=...)`); stores are never read over the network. A store's `<key>` is a
-content hash of everything its rows depend on: the checkpoint (directory or hub id, its
-config.json and the size and mtime of its files), the image transform's settings, the
-split and the list of `(path, size, mtime_ns)` of the split's files (and, for features,
-the precision they were computed in). Any change gives a new key, so a stale store is
-never read. Rows follow the split's scan order (`data.scan_folder_split`); the whole
-split is cached, so trials with different class subsets share one store.
+instead of building it (`ensure_store(remote=...)`); stores are never read over the
+network. A store's `<key>` is a content hash of everything its rows depend on: the
+checkpoint (directory or hub id, its config.json and the size and mtime of its files),
+the image transform's settings, the split and the list of `(path, size, mtime_ns)` of the
+split's files (and, for features, the precision they were computed in). Any change gives
+a new key, so a stale store is never read. Rows follow the split's scan order
+(`data.scan_folder_split`); the whole split is cached, so trials with different class
+subsets share one store.
 
 Stores are built before the trials by Ray tasks (`orchestration`, via `cache_jobs` and
 `run_job`), or, when those did not run (in-process tests, a new variant on resume), by the
