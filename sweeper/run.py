@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print everything Ray, Tune and transformers say (default: their "
                         "known-harmless messages are dropped)")
     p.add_argument("--cache-dir", default=None,
-                   help="where the tiny model and synthetic data are cached "
-                        "(default: $SWEEPER_CACHE or ~/.cache/sweeper)")
+                   help="where the tiny model, synthetic data and the node-local copy of a "
+                        "bucket storage are kept (default: $SWEEPER_CACHE or "
+                        "~/.cache/sweeper)")
     return p
 
 
@@ -94,6 +95,10 @@ def _main(argv: list[str] | None) -> int:
 
         quiet_process()
         os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' "Writing model shards"
+    if args.cache_dir:
+        # One cache for everything of this run that defaults to it (the report's local
+        # copy of a bucket experiment too), in this process and the local Ray it starts.
+        os.environ["SWEEPER_CACHE"] = str(Path(args.cache_dir).expanduser().resolve())
     overrides = list(args.overrides)
     if args.storage:
         overrides.append(f"storage={args.storage}")

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 import analysis
+from sweeper.prepare import prepare_inputs
+from sweeper.spec import validate
 from sweeper.storage import Location, resolve
 from tests.conftest import S3Server
 from tests.test_cluster import (
@@ -70,6 +72,8 @@ def s3_sweep(s3: S3Server, cache_dir: Path, tmp_path_factory: pytest.TempPathFac
     quick = [t for t in tdirs if t.startswith("quick")]
     slow = [t for t in tdirs if t.startswith("slow")]
     spec = write_spec(tmp, doc)
+    # The tiny model first (once per session's cache), so the waits below time the sweep.
+    prepare_inputs(validate(doc), cache_dir, announce=False)
     started: list[Cli] = []
     try:
         cli = Cli(spec, cache_dir, log=tmp / "run1.log")
@@ -80,7 +84,7 @@ def s3_sweep(s3: S3Server, cache_dir: Path, tmp_path_factory: pytest.TempPathFac
             ckpt = [t for t in slow if checkpointed(tdirs[t])]
             return (done[0], ckpt[0]) if done and ckpt else None
 
-        finished, resumed = wait_for(one_done_one_checkpointed, 400,
+        finished, resumed = wait_for(one_done_one_checkpointed, 600,
                                      "a trial to finish and a slow one to checkpoint", cli)
         cli.kill()
         assert not session_procs(cli.proc.pid)
@@ -101,7 +105,7 @@ def s3_sweep(s3: S3Server, cache_dir: Path, tmp_path_factory: pytest.TempPathFac
                 return node["pid"]
             return None
 
-        pid = wait_for(resumed_and_checkpointed, 400, "the slow trial to resume", again)
+        pid = wait_for(resumed_and_checkpointed, 600, "the slow trial to resume", again)
         os.kill(pid, signal.SIGKILL)
         worker_killed_at = steps(tdirs[resumed])
         rc = again.wait(900)
