@@ -255,9 +255,9 @@ def test_sink_callback_records_what_only_tune_knows(tmp_path: Path) -> None:
 
     exp = tmp_path / "exp"
     cb = make_sink_callback(exp, lambda trial: trial.name)
-    stopped = SimpleNamespace(name="a")
+    stopped = SimpleNamespace(name="a", last_result={})
     TrialSink(exp / "trials" / "a").update_status(status="running")
-    done = SimpleNamespace(name="b")
+    done = SimpleNamespace(name="b", last_result={})
     TrialSink(exp / "trials" / "b").update_status(status="terminated")
     cb.on_trial_complete(0, [], stopped)
     cb.on_trial_complete(0, [], done)
