@@ -21,8 +21,9 @@ from analysis.collect import (
     read_experiment,
     trials_table,
 )
-from analysis.store import Store, is_uri
+from analysis.store import Store, location_of
 from sweeper.sink import atomic_write_bytes
+from sweeper.storage import mirror_dir
 
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
@@ -54,23 +55,51 @@ def write_parquet_file(path: str | Path, table: pa.Table) -> Path:
     return path
 
 
-class ReadOnlyLocation(ValueError):
-    """Outputs were asked for next to a URI experiment, which is only read here."""
-
-
 def output_dir(experiment_dir: str | Path, out_dir: str | Path | None) -> Path:
-    """Where the analysis writes: `out_dir`, or the experiment directory itself.
-
-    A URI experiment (`s3://...`) is read-only here, so it needs a local `out_dir`.
-    """
+    """Where the analysis writes: `out_dir`; else the experiment directory itself, or, for
+    an experiment in a bucket (`s3://...`), its node-local copy
+    (`sweeper.storage.mirror_dir`), which `publish` then uploads next to the experiment."""
     if out_dir is not None:
         return Path(out_dir).expanduser().resolve()
-    if is_uri(experiment_dir):
-        raise ReadOnlyLocation(
-            f"{experiment_dir}: a URI experiment is read-only here; give a local out_dir "
-            "(--out DIR) for the Parquet files, report and plots"
-        )
-    return Path(experiment_dir).expanduser().resolve()
+    return mirror_dir(location_of(experiment_dir))
+
+
+def publish(experiment_dir: str | Path, out_dir: str | Path | None,
+            paths: dict[str, Path]) -> dict[str, Path]:
+    """Upload the outputs `paths` (files, and the plots folder) of a bucket experiment,
+    written to its local copy (`output_dir` without `out_dir`), into the experiment, each
+    as one whole object; plots of an earlier report that this one no longer draws are
+    removed there too. Nothing for a local experiment or an explicit `out_dir`. Returns
+    `paths`."""
+    loc = location_of(experiment_dir)
+    if out_dir is not None or not loc.remote:
+        return paths
+    local = output_dir(experiment_dir, None)
+    for path in paths.values():
+        if path.is_file():
+            (loc / path.relative_to(local).as_posix()).upload(path)
+        elif path.is_dir():
+            remote = loc / path.relative_to(local).as_posix()
+            names = {p.name for p in path.iterdir() if p.is_file()}
+            for p in sorted(path.iterdir()):
+                if p.is_file():
+                    (remote / p.name).upload(p)
+            for name in remote.children():
+                if name not in names and name.endswith(".png"):
+                    (remote / name).delete()
+    return paths
+
+
+def output_lines(experiment_dir: str | Path, out_dir: str | Path | None,
+                 paths: dict[str, Path]) -> list[str]:
+    """`key: where` for each output, as the CLIs print them: the local path, or for a
+    bucket experiment the object's URI and its local copy."""
+    loc = location_of(experiment_dir)
+    if out_dir is not None or not loc.remote:
+        return [f"{key}: {path}" for key, path in paths.items()]
+    local = output_dir(experiment_dir, None)
+    return [f"{key}: {loc / path.relative_to(local).as_posix()} (local copy: {path})"
+            for key, path in paths.items()]
 
 
 def write_tables(exp: Experiment, out: Path) -> tuple[dict[str, Path], dict[str, pa.Table]]:
@@ -91,7 +120,7 @@ def write_parquet(experiment_dir: str | Path, out_dir: str | Path | None = None)
     """Build and write the Parquet files only (no report, no plots); returns their paths."""
     exp = read_experiment(experiment_dir)
     paths, _ = write_tables(exp, output_dir(experiment_dir, out_dir))
-    return paths
+    return publish(experiment_dir, out_dir, paths)
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:

@@ -5,8 +5,9 @@
 Works on a finished, interrupted or still-running sweep: trials that have not started are
 `pending`, interrupted ones `running`, and only finished (`terminated`) trials enter the
 aggregated cells. `EXPERIMENT_DIR` may also be a `s3://`, `gs://` or `file://` URI, read
-through `pyarrow.fs`; the outputs then go to the local `--out` folder. Prints one
-`key: path` line per output and exits 0; exits 2 when the location is not an experiment.
+through `pyarrow.fs`; the outputs then go into the bucket too (written to a local copy
+first, then uploaded whole), or to the local `--out` folder. Prints one `key: path` line
+per output and exits 0; exits 2 when the location is not an experiment.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import pyarrow as pa
 from analysis import reference
 from analysis import tables as T
 from analysis.collect import Experiment, ExperimentNotFound, read_experiment
-from analysis.dataset import ReadOnlyLocation, output_dir, write_tables
+from analysis.dataset import output_dir, output_lines, publish, write_tables
 from analysis.importance import importance, render_importance
 from analysis.plots import write_plots
 from sweeper.sink import atomic_write_bytes
+from sweeper.spec import SpecError
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
@@ -259,10 +261,11 @@ def build_markdown(
 def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write trials/history/per_class Parquet, `report.md` and `plots/` for an experiment.
 
-    Outputs go into the experiment directory, or `out_dir` when given (required for a
-    URI experiment). Returns their paths keyed `trials`, `history`, `per_class` (only when
-    some trial saved per-class accuracy), `report` and `plots` (the folder). Raises
-    ExperimentNotFound when the location holds no sweep.json and no trials/.
+    Outputs go into the experiment directory (for a bucket: its local copy, then uploaded,
+    `analysis.dataset.publish`), or `out_dir` when given. Returns their paths keyed
+    `trials`, `history`, `per_class` (only when some trial saved per-class accuracy),
+    `report` and `plots` (the folder). Raises ExperimentNotFound when the location holds
+    no sweep.json and no trials/.
     """
     exp = read_experiment(experiment_dir)
     out = output_dir(experiment_dir, out_dir)
@@ -274,13 +277,12 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
     text, _ = build_markdown(exp, trials, history, out, plots_dir)
     report = out / REPORT_FILE
     atomic_write_bytes(report, text.encode("utf-8"))
-    return {**paths, "report": report, "plots": plots_dir}
+    return publish(experiment_dir, out_dir, {**paths, "report": report, "plots": plots_dir})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: write the report, print `key: path` per output, return the exit
-    status (0 done, 1 a write failed (disk full), 2 not an experiment or a URI without
-    --out)."""
+    status (0 done, 1 a write failed (disk full), 2 not an experiment or no such storage)."""
     parser = argparse.ArgumentParser(
         prog="python -m analysis.report",
         description="Build Parquet tables, report.md and plots for a sweep's experiment "
@@ -293,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         paths = write_report(args.experiment, out_dir=args.out)
-    except (ExperimentNotFound, ReadOnlyLocation, pa.ArrowInvalid) as e:
+    except (ExperimentNotFound, SpecError, pa.ArrowInvalid) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, quota: every earlier output is still whole
@@ -301,8 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: could not write the report{where}: {e.strerror or e}; the previous "
               "outputs are unchanged", file=sys.stderr)
         return 1
-    for key, path in paths.items():
-        print(f"{key}: {path}")
+    for line in output_lines(args.experiment, args.out, paths):
+        print(line)
     return 0
 
 

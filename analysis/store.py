@@ -1,8 +1,11 @@
 """Read-only access to an experiment directory: a local folder or a pyarrow filesystem URI.
 
 Local folders go through `sweeper.sink`'s readers, so the analysis skips a torn last
-line exactly as the sweeper does. URIs (`s3://`, `gs://`, `file://`, ...) go through
-`pyarrow.fs.FileSystem.from_uri` and parse the same way.
+line exactly as the sweeper does. URIs (`s3://`, `gs://`, `file://`, ...) resolve to the
+filesystem the sweeper itself writes through (`sweeper.storage.resolve`: pyarrow's, with
+the cloud's standard settings such as `AWS_ENDPOINT_URL`, or an fsspec protocol) and parse
+the same way; a `sweeper.storage.Location` (a spec's own `storage_filesystem`) is read as
+it is.
 """
 
 from __future__ import annotations
@@ -16,26 +19,44 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sweeper.sink import parse_jsonl, read_json, read_jsonl
+from sweeper.storage import Location, resolve
 
 
-def is_uri(location: str | Path) -> bool:
-    """True for `scheme://...` locations (read through pyarrow.fs), false for local paths."""
+def is_uri(location: str | Path | Location) -> bool:
+    """True for `scheme://...` locations and remote Locations (read through pyarrow.fs),
+    false for local paths."""
+    if isinstance(location, Location):
+        return location.remote
     return isinstance(location, str) and "://" in location
+
+
+def location_of(location: str | Path | Location) -> Location:
+    """`location` as a sweeper Location (a local one for `file://` and plain paths)."""
+    return location if isinstance(location, Location) else resolve(str(location))
 
 
 class Store:
     """A read-only view of one directory tree. Paths are given as parts below its root."""
 
-    def __init__(self, location: str | Path) -> None:
+    def __init__(self, location: str | Path | Location) -> None:
         self.uri = is_uri(location)
-        if self.uri:
-            self.fs, root = pafs.FileSystem.from_uri(str(location))
-            self.root = root.rstrip("/")
+        if isinstance(location, Location) and self.uri:
+            self.fs = location.fs
+            self.root = location.fs_path.rstrip("/")
             self.location = str(location).rstrip("/")
             self.local_path: Path | None = None
+        elif self.uri:
+            if str(location).startswith("file://"):
+                self.fs, root = pafs.FileSystem.from_uri(str(location))
+            else:
+                loc = resolve(str(location))
+                self.fs, root = loc.fs, loc.fs_path
+            self.root = root.rstrip("/")
+            self.location = str(location).rstrip("/")
+            self.local_path = None
         else:
             self.fs = None
-            self.local_path = Path(location).expanduser().resolve()
+            self.local_path = Path(str(location)).expanduser().resolve()
             self.root = str(self.local_path)
             self.location = str(self.local_path)
 

@@ -14,13 +14,17 @@ one copy per machine, whatever the number of trials, workers and DataLoader proc
   the dataset normalises the rows of each batch to float (`ImageTransform.normalize`,
   straight into the batch tensor), exactly as it does freshly decoded images.
 
-`<root>` is `data.cache_dir` if set, else `<storage>/.cache`. A store's `<key>` is a
-content hash of everything its rows depend on: the checkpoint (directory or hub id, its
-config.json and the size and mtime of its files), the image transform's settings, the
-split and the list of `(path, size, mtime_ns)` of the split's files (and, for features,
-the precision they were computed in). Any change gives a new key, so a stale store is
-never read. Rows follow the split's scan order (`data.scan_folder_split`); the whole
-split is cached, so trials with different class subsets share one store.
+`<root>` is `data.cache_dir` if set, else `<storage>/.cache`; when `storage` is a bucket,
+the `.cache` of its node-local mirror (`sweeper.storage.mirror_dir`), and a store built on
+one node is uploaded to `<storage>/.cache/...` (meta.json last) for the others to copy
+instead of building it (`ensure_store(remote=...)`); stores are never read over the
+network. A store's `<key>` is a content hash of everything its rows depend on: the
+checkpoint (directory or hub id, its config.json and the size and mtime of its files),
+the image transform's settings, the split and the list of `(path, size, mtime_ns)` of the
+split's files (and, for features, the precision they were computed in). Any change gives
+a new key, so a stale store is never read. Rows follow the split's scan order
+(`data.scan_folder_split`); the whole split is cached, so trials with different class
+subsets share one store.
 
 Stores are built before the trials by Ray tasks (`orchestration`, via `cache_jobs` and
 `run_job`), or, when those did not run (in-process tests, a new variant on resume), by the
@@ -54,8 +58,8 @@ import torch
 from sweeper import data as D
 from sweeper.collectives import Agreement
 from sweeper.models import DualEncoder, load_pretrained
-from sweeper.sink import atomic_write_json
 from sweeper.spec import DataSpec, ModelSpec, SweepSpec
+from sweeper.storage import Location, atomic_write_json, publish_dir, pull_dir
 from sweeper.training import autocast_for, resolve_precision
 from sweeper.trials import trial_configs
 
@@ -81,6 +85,14 @@ def cache_root(data_spec: Any, trial_dir: str | Path | None = None,
     if t.parent.name == "trials":
         return t.parents[2] / ".cache"
     return t / ".cache"
+
+
+def remote_cache(trial_location: Location | None) -> Location | None:
+    """`<storage>/.cache` in the bucket, from a trial's folder there
+    (`<storage>/<name>/trials/<id>`); None on local storage."""
+    if trial_location is None or not trial_location.remote:
+        return None
+    return trial_location.parent.parent.parent / ".cache"
 
 
 def _sha(obj: Any) -> str:
@@ -197,17 +209,23 @@ def _complete(directory: Path) -> bool:
     return (directory / "meta.json").is_file()
 
 
-def ensure_store(directory: Path, build: Callable[[Path], dict[str, Any]]) -> ArrayStore:
+def ensure_store(directory: Path, build: Callable[[Path], dict[str, Any]],
+                 remote: Location | None = None) -> ArrayStore:
     """The store in `directory`, built by `build(tmp_dir)` (which writes data.npy and
     ok.npy and returns metadata) if absent: under a file lock beside it, in a temporary
     folder renamed into place, so concurrent builders build once and readers never see a
-    partial store."""
+    partial store. With `remote` (the store's folder in the bucket, when `storage` is
+    one) a store another node built is copied from there instead, and one built here is
+    uploaded there (meta.json last)."""
     if _complete(directory):
         return ArrayStore(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _complete(directory):
+            return ArrayStore(directory)
+        if remote is not None and _pull(remote, directory):
+            log.info("cache: copied %s from %s", directory.name, remote)
             return ArrayStore(directory)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
         try:
@@ -219,8 +237,21 @@ def ensure_store(directory: Path, build: Callable[[Path], dict[str, Any]]) -> Ar
             os.replace(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if remote is not None:
+            try:
+                publish_dir(directory, remote, "meta.json")
+            except OSError as e:  # the other nodes build their own copy
+                log.warning("cache: could not upload %s to %s: %s", directory.name, remote, e)
     log.info("cache: built %s in %.1fs", directory, ArrayStore(directory).meta["build_s"])
     return ArrayStore(directory)
+
+
+def _pull(remote: Location, directory: Path) -> bool:
+    try:
+        return pull_dir(remote, directory, "meta.json")
+    except OSError as e:  # unreachable now: build it here instead
+        log.warning("cache: could not copy %s from %s: %s", directory.name, remote, e)
+        return False
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -276,8 +307,10 @@ def _write_rows(tmp: Path, n: int, batches: Iterator[tuple[np.ndarray, np.ndarra
 
 
 def ensure_image_cache(root: Path, listing: SplitListing, transform: D.ImageTransform,
-                       batch_size: int = 64, num_workers: int = 0) -> ArrayStore:
-    """The decode-once uint8 store of a split, built if absent."""
+                       batch_size: int = 64, num_workers: int = 0,
+                       remote: Location | None = None) -> ArrayStore:
+    """The decode-once uint8 store of a split, built if absent (or copied from `remote`,
+    the bucket's counterpart of `root`)."""
     key = image_key(transform, listing)
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -290,16 +323,18 @@ def ensure_image_cache(root: Path, listing: SplitListing, transform: D.ImageTran
                 "split": listing.split, "root": listing.root,
                 "transform": transform_settings(transform)}
 
-    return ensure_store(root / "images" / key, build)
+    return ensure_store(root / "images" / key, build,
+                        remote / "images" / key if remote is not None else None)
 
 
 @torch.no_grad()
 def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.ImageTransform,
                          enc: Any, checkpoint: dict[str, Any], precision: str,
                          device: torch.device, batch_size: int = 256,
-                         num_workers: int = 0) -> ArrayStore:
+                         num_workers: int = 0, remote: Location | None = None) -> ArrayStore:
     """The frozen-tower feature store of a split, built with `enc` (a `DualEncoder` whose
-    vision tower is the checkpoint's, frozen) if absent."""
+    vision tower is the checkpoint's, frozen) if absent (or copied from `remote`, the
+    bucket's counterpart of `root`)."""
     key = feature_key(checkpoint, transform, listing, precision)
     autocast = autocast_for(precision, device)
 
@@ -322,7 +357,8 @@ def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.ImageTr
                 "precision": precision, "device": str(device),
                 "transform": transform_settings(transform)}
 
-    return ensure_store(root / "features" / key, build)
+    return ensure_store(root / "features" / key, build,
+                        remote / "features" / key if remote is not None else None)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -424,6 +460,7 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
         return plain
     agree = agree or Agreement()
     root = cache_root(cfg.data, ctx.trial_dir)
+    remote = remote_cache(getattr(ctx, "remote", None))
     droot = D.data_root(cfg.data, ctx.cache_dir)
     t0 = time.time()
     try:
@@ -441,7 +478,7 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
     if feats:
         ckpt = checkpoint_fingerprint(cfg.model_path)
         stores = {s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
-                                          ctx.device, cfg.eval.batch_size, num_workers)
+                                          ctx.device, cfg.eval.batch_size, num_workers, remote)
                   for s in SPLITS}
         mine = np.arange(ctx.rank, len(td.val_samples), ctx.world_size)
         rows = val_rows[mine]
@@ -453,7 +490,7 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
                           EmbedsCollate(collate), val_images=val, kind="features")
     else:
         stores = {s: ensure_image_cache(root, listings[s], transform, cfg.eval.batch_size,
-                                        num_workers) for s in SPLITS}
+                                        num_workers, remote) for s in SPLITS}
         val_store = stores["val"]
 
         def wrap_val(ds: D.ImageTextDataset) -> D.ImageTextDataset:
@@ -483,12 +520,15 @@ class CacheJob:
     cache_dir: str | None
     batch_size: int
     trial_id: str  # a trial that needs it (for messages)
+    remote: Location | None = None  # <storage>/.cache when storage is a bucket
 
 
 def cache_jobs(spec: SweepSpec, storage: str | Path, model_paths: dict[str, str],
-               cache_dir: str | None = None) -> list[CacheJob]:
+               cache_dir: str | None = None, remote: Location | None = None
+               ) -> list[CacheJob]:
     """The distinct stores the sweep's trials read, one job each (deduplicated);
-    `model_paths` as `sweeper.prepare.model_paths` gives them."""
+    `model_paths` as `sweeper.prepare.model_paths` gives them. `storage`: a local path
+    (the node-local mirror of a bucket, whose `.cache` is `remote`)."""
     jobs: dict[tuple[str, ...], CacheJob] = {}
     for t in trial_configs(spec, model_paths):
         kind = "features" if uses_feature_cache(t) else "images" if t.data.cache_images \
@@ -499,9 +539,16 @@ def cache_jobs(spec: SweepSpec, storage: str | Path, model_paths: dict[str, str]
         job = CacheJob(kind, t.model.model_dump_json(), str(t.model_path),
                        t.data.model_dump_json(), precision,
                        str(cache_root(t.data, storage=storage)), cache_dir,
-                       t.eval.batch_size, t.trial_id)
+                       t.eval.batch_size, t.trial_id, remote)
         jobs.setdefault((kind, job.model_json, job.data_json, precision), job)
-    return [j for j in jobs.values() if not job_marker(j).is_file()]
+    return [j for j in jobs.values() if not _job_done(j)]
+
+
+def _job_done(job: CacheJob) -> bool:
+    marker = job_marker(job)
+    if marker.is_file():
+        return True
+    return job.remote is not None and (job.remote / "jobs" / marker.name).is_file()
 
 
 def job_marker(job: CacheJob) -> Path:
@@ -534,11 +581,15 @@ def run_job(job: CacheJob) -> dict[str, Any]:
         ckpt = checkpoint_fingerprint(job.model_path)
         enc = DualEncoder(model, "softmax", freeze_vision=True).to(device)
         stores = {s: ensure_feature_cache(root, listings[s], transform, enc, ckpt, precision,
-                                          device, job.batch_size, nw) for s in SPLITS}
-    else:
-        stores = {s: ensure_image_cache(root, listings[s], transform, job.batch_size, nw)
+                                          device, job.batch_size, nw, job.remote)
                   for s in SPLITS}
+    else:
+        stores = {s: ensure_image_cache(root, listings[s], transform, job.batch_size, nw,
+                                        job.remote) for s in SPLITS}
     out = {"kind": job.kind, "stores": {s: str(st.dir) for s, st in stores.items()},
            "seconds": time.time() - t0, "device": str(device), "trial": job.trial_id}
-    atomic_write_json(job_marker(job), out)
+    marker = job_marker(job)
+    atomic_write_json(marker, out)
+    if job.remote is not None:
+        (job.remote / "jobs" / marker.name).write_json(out)
     return out

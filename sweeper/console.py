@@ -87,3 +87,38 @@ def quiet_process() -> None:
                             module=r"ray\.data")
     if not getattr(sys.unraisablehook, "sweeper_quiet", False):
         sys.unraisablehook = _drop_exit_during_shutdown(sys.unraisablehook)
+
+
+def dashboard_banner(info: dict[str, Any], dashboard_host: str, token_auth: bool) -> str:
+    """What the CLI prints about the dashboard (`info` from `orchestration.init_ray`): its
+    URL, and how to get the access token when the cluster asks for one."""
+    url = info.get("dashboard_url")
+    if not url:
+        return ("Ray dashboard: none on this cluster (start the head with "
+                "--include-dashboard=true): Train runs are not listed, and the placement "
+                "groups of trials stopped early may leak (ray-project/ray#54305)")
+    lines = [f"Ray dashboard: {url}"]
+    if token_auth:
+        lines.append("  It asks for the cluster's access token: `ray get-auth-token` prints "
+                     "it (stored in ~/.ray/auth_token); API clients send "
+                     "'Authorization: Bearer <token>'.")
+    if info.get("local") and dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        lines.append(f"  Listening on {dashboard_host}: reachable from other machines.")
+    return "\n".join(lines)
+
+
+def trial_ending(status: dict[str, Any], last: dict[str, Any]) -> str:
+    """How a trial that Tune saw complete ended, in a few words: its status.json `status`
+    and the last result Tune holds."""
+    # Imported here: the setup hook that imports this module runs in every Ray process.
+    from sweeper.sink import first_error_line
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    state = status.get("status") or "terminated"
+    if state == "diverged":
+        return f"diverged: {first_error_line(status.get('error')) or 'non-finite loss'}"
+    early = " (stopped early)" if status.get("stopped_early") else ""
+    return (f"{state}{early}: val top-1 {pct(last.get('val_top1'))}, best "
+            f"{pct(status.get('best_val_top1'))} at step {status.get('best_step', '-')}")

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from sweeper.grid import grid_axes
-from sweeper.sink import TrialSink, atomic_write_bytes, atomic_write_json, read_json, trial_dir
+from sweeper.sink import TrialSink, trial_dir
 from sweeper.spec import SpecError, SweepSpec, spec_fingerprint
+from sweeper.storage import Location, check_remote, resolve
 from sweeper.trials import trial_configs
 
 FINISHED = ("terminated", "diverged")
@@ -27,6 +28,7 @@ FINISHED = ("terminated", "diverged")
 # existing experiment resumes when only these changed.
 RESOURCE_KEYS = (
     "storage",
+    "storage_filesystem",
     "loggers",
     "scaling.resources_per_worker",
     "scaling.placement_strategy",
@@ -37,17 +39,9 @@ RESOURCE_KEYS = (
 )
 
 
-def storage_path(storage: str) -> Path:
-    """`storage` as a local (possibly shared) path; refuse object-store URIs."""
-    if storage.startswith("file://"):
-        storage = storage[len("file://"):]
-    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", storage):
-        scheme = storage.split("://", 1)[0]
-        raise SpecError(
-            f"storage: {storage!r}: {scheme}:// URIs are not supported, because every trial "
-            "appends its history to files in place; mount the bucket or a shared filesystem "
-            "(NFS, Lustre, a FUSE mount) at the same path on every node and give that path")
-    return Path(storage).expanduser().resolve()
+def storage_location(spec: SweepSpec) -> Location:
+    """`storage` (and `storage_filesystem`) as a Location: a local path or a bucket."""
+    return resolve(spec.storage, spec.storage_filesystem)
 
 
 # Filesystem types whose writes cross a network (a mount's type in /proc/mounts; any
@@ -80,11 +74,15 @@ def storage_is_remote(storage: str, mounts: str | None = None) -> bool:
     return fstype.split(".")[0] in NETWORK_FILESYSTEMS
 
 
-def check_storage(storage: str) -> Path:
-    """`storage` as a local path that can be a directory of ours: an existing directory we
-    may write to, or a path whose nearest existing ancestor is one."""
-    path = storage_path(storage)
-    probe = path
+def check_storage(storage: str, filesystem: dict[str, Any] | None = None) -> Location:
+    """`storage` as a Location that can be a folder of ours. A local path: an existing
+    directory we may write to, or a path whose nearest existing ancestor is one. A bucket:
+    reachable, with credentials that may write there (`storage.check_remote`)."""
+    root = resolve(storage, filesystem)
+    if root.remote:
+        check_remote(root, storage)
+        return root
+    path = probe = Path(root.fs_path)
     while not probe.exists():
         if probe.parent == probe:
             break
@@ -95,18 +93,17 @@ def check_storage(storage: str) -> Path:
         raise SpecError(f"storage: {storage!r}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise SpecError(f"storage: {storage!r}: {probe} is not writable by this user")
-    return path
+    return root
 
 
 @dataclass
 class SweepResult:
     """How a sweep ended, for the CLI's exit status and summary."""
 
-    experiment_dir: Path
+    experiment_dir: Location
     statuses: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     stopped_early: list[str] = field(default_factory=list)
-    report_paths: dict[str, Path] = field(default_factory=dict)
     interrupted: bool = False
     signal_number: int = signal.SIGINT  # which signal interrupted the sweep
     notes: list[str] = field(default_factory=list)
@@ -120,9 +117,9 @@ class SweepResult:
         return 1 if self.errors else 0
 
 
-def experiment_dir(spec: SweepSpec) -> Path:
-    """`<storage>/<name>`, absolute (Tune needs absolute storage paths)."""
-    return storage_path(spec.storage) / spec.name
+def experiment_dir(spec: SweepSpec) -> Location:
+    """`<storage>/<name>` (a local path made absolute, as Tune needs, or a bucket folder)."""
+    return storage_location(spec) / spec.name
 
 
 def _spec_doc(spec: SweepSpec | dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +176,7 @@ def plan_experiment(spec: SweepSpec, new: bool = False, resume: bool = False) ->
     k = 1
     while True:
         exp = experiment_dir(spec)
-        old = read_json(exp / "sweep.json")
+        old = (exp / "sweep.json").read_json()
         change = spec_change(old, spec) if isinstance(old, dict) else None
         if old is None or change is None:
             break
@@ -194,21 +191,21 @@ def plan_experiment(spec: SweepSpec, new: bool = False, resume: bool = False) ->
     if old is None and exp.exists():
         if not exp.is_dir():
             raise SpecError(f"name: {exp} exists and is not a directory")
-        if any(p.name != "sweep.json" for p in exp.iterdir()) \
+        if any(name != "sweep.json" for name in exp.children()) \
                 and not (exp / "trials").is_dir():
             raise SpecError(f"name: {exp} exists and is not a sweeper experiment (no "
                             "sweep.json); choose another --name or storage")
     return spec
 
 
-def create_experiment(spec: SweepSpec, spec_text: str | None = None) -> Path:
+def create_experiment(spec: SweepSpec, spec_text: str | None = None) -> Location:
     """Create the experiment folder of a planned spec (`plan_experiment`) and its
     sweep.json and spec.yaml, unless they exist; returns the folder."""
     exp = experiment_dir(spec)
-    exp.mkdir(parents=True, exist_ok=True)
-    if read_json(exp / "sweep.json") is None:
+    exp.mkdir()
+    if (exp / "sweep.json").read_json() is None:
         trials = trial_configs(spec)
-        atomic_write_json(exp / "sweep.json", {
+        (exp / "sweep.json").write_json({
             "name": spec.name,
             "fingerprint": spec_fingerprint(spec),
             "spec": spec.model_dump(mode="json"),
@@ -218,7 +215,7 @@ def create_experiment(spec: SweepSpec, spec_text: str | None = None) -> Path:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         if spec_text is not None:
-            atomic_write_bytes(exp / "spec.yaml", spec_text.encode())
+            (exp / "spec.yaml").write_bytes(spec_text.encode())
     return exp
 
 
@@ -230,10 +227,10 @@ def prepare_experiment(spec: SweepSpec, spec_text: str | None, new: bool,
     return spec
 
 
-def reset_errored(spec: SweepSpec, exp: Path) -> None:
+def reset_errored(spec: SweepSpec, exp: Location) -> None:
     """Set the errored trials of the experiment back to pending (`--retry-errored`)."""
     for t in trial_configs(spec):
-        s = TrialSink(trial_dir(exp, t.trial_id))
+        s = TrialSink.at(trial_dir(exp, t.trial_id))
         if s.status().get("status") == "errored":
             s.update_status(status="pending", error=None, error_detail=None)
 
@@ -241,7 +238,7 @@ def reset_errored(spec: SweepSpec, exp: Path) -> None:
 def collect(spec: SweepSpec, result: SweepResult) -> None:
     """Fill `result` with every trial's status and the first line of each error."""
     for t in trial_configs(spec):
-        st = TrialSink(trial_dir(result.experiment_dir, t.trial_id)).status()
+        st = TrialSink.at(trial_dir(result.experiment_dir, t.trial_id)).status()
         status = st.get("status") or "pending"
         result.statuses[t.trial_id] = status
         if status == "errored":

@@ -32,18 +32,15 @@ from typing import Any
 
 from sweeper import ray_compat
 from sweeper.checkpoint import checkpoint_upload, prune_finished, strip_older_optimizers
+from sweeper.console import dashboard_banner, trial_ending
 from sweeper.experiment import FINISHED, SweepResult, collect, experiment_dir, reset_errored
 from sweeper.grid import grid_axes, trial_id_for
 from sweeper.preflight import cluster_address
+from sweeper.prepare import node_local_model, publish_models
 from sweeper.resources import DRIVER_CPU, check_fits, fmt_res, trial_demand, worker_resources
-from sweeper.sink import (
-    TrialSink,
-    atomic_write_bytes,
-    atomic_write_json,
-    first_error_line,
-    trial_dir,
-)
+from sweeper.sink import TrialSink, first_error_line, trial_dir
 from sweeper.spec import ScalingSpec, SpecError, SweepSpec, TrialConfig
+from sweeper.storage import Location, mirror_dir, resolve
 from sweeper.trials import resolve_trial
 
 log = logging.getLogger(__name__)
@@ -94,19 +91,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tctx = ray.train.get_context()
     ckpt = ray.train.get_checkpoint()
     rank = tctx.get_world_rank()
-    tdir = Path(config["trial_dir"])
+    cache_dir = config.get("cache_dir")
+    remote: Location | None = config.get("trial_location")
+    # On a bucket the worker keeps its files in a node-local copy of the trial folder
+    # (the sink uploads each one whole); the model too, if another node built it.
+    tdir = mirror_dir(remote, cache_dir) if remote else Path(config["trial_dir"])
+    if remote:
+        cfg = node_local_model(cfg, remote.parent.parent.parent, cache_dir)
+    sink = TrialSink(tdir, remote)
     if ckpt is None and rank == 0:
         # A start without a checkpoint trains from step 0: drop the rows of an earlier
         # attempt that was killed before its first checkpoint was registered, so that the
         # history holds every step once (a resume truncates after its checkpoint's step).
-        TrialSink(tdir).truncate_after(-1)
+        sink.truncate_after(-1)
     # Where each rank runs (node, host, pid): read by people and by the fault-injection
     # tests; rewritten by every start of the worker group.
-    atomic_write_json(tdir / "nodes" / f"{rank}.json", {
+    sink.write_json(f"nodes/{rank}.json", {
         "rank": rank, "world_size": tctx.get_world_size(),
         "node_id": ray.get_runtime_context().get_node_id(),
         "hostname": socket.gethostname(), "pid": os.getpid(),
         "resumed_from_checkpoint": ckpt is not None,
+        "checkpoint": ckpt.path if ckpt is not None else None,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
 
@@ -126,8 +131,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         world_size=tctx.get_world_size(),
         device=ray.train.torch.get_device(),
         trial_dir=tdir,
+        remote=remote,
         report=report,
-        cache_dir=Path(config["cache_dir"]) if config.get("cache_dir") else None,
+        cache_dir=Path(cache_dir) if cache_dir else None,
         local_world_size=tctx.get_local_world_size(),
         report_takes_checkpoint=upload == "async",
     )
@@ -204,12 +210,14 @@ def describe_failure(e: BaseException, sc: ScalingSpec) -> str:
     return _one_line(f"{name}: {msg}" if msg and not msg.startswith(name) else msg or name)
 
 
-def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
-                 cache_dir: str | None, model_paths: dict[str, str], verbose: int = 1) -> None:
+def trial_driver(config: dict[str, Any], *, spec_json: str,
+                 experiment_dir: str | Location, cache_dir: str | None,
+                 model_paths: dict[str, str], verbose: int = 1) -> None:
     """One Tune trial: resolve its config (its model resolved before the sweep, in
-    `model_paths`), run its TorchTrainer, record how it ended. Below `verbose` 2, Ray
-    Train's own INFO lines (state transitions, worker-group starts, each checkpoint) stay
-    in its log files under the Ray session and off the console."""
+    `model_paths`), run its TorchTrainer, record how it ended. `experiment_dir`: a local
+    path or the experiment's Location (a bucket folder). Below `verbose` 2, Ray Train's own
+    INFO lines (state transitions, worker-group starts, each checkpoint) stay in its log
+    files under the Ray session and off the console."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
@@ -218,8 +226,9 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
     spec = SweepSpec.model_validate_json(spec_json)
     point = {k: config[k] for k in grid_axes(spec)}
     cfg = resolve_trial(spec, point, model_paths)
-    tdir = trial_dir(experiment_dir, cfg.trial_id)
-    sink = TrialSink(tdir)
+    exp = experiment_dir if isinstance(experiment_dir, Location) else resolve(experiment_dir)
+    tdir = trial_dir(exp, cfg.trial_id)
+    sink = TrialSink.at(tdir)
     previous = sink.status()
     if previous.get("status") in FINISHED:
         # Finished in an earlier run of this experiment: keep its results, train nothing.
@@ -237,6 +246,7 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"trial": cfg.model_dump(mode="json"), "trial_dir": str(tdir),
+                           "trial_location": tdir if tdir.remote else None,
                            "cache_dir": cache_dir},
         scaling_config=ray.train.ScalingConfig(
             num_workers=sc.num_workers,
@@ -246,7 +256,10 @@ def trial_driver(config: dict[str, Any], *, spec_json: str, experiment_dir: str,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.trial_id,
-            storage_path=str(Path(experiment_dir) / "trials"),
+            # Checkpoints in the trial's folder, on the experiment's filesystem (None:
+            # local); Train V2 restores the latest one from there on a restart or rerun.
+            storage_path=(exp / "trials").fs_path,
+            storage_filesystem=exp.fs,
             callbacks=[TuneReportCallback()],
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose >= 2
                                                    else "WARNING"),
@@ -358,26 +371,10 @@ def init_ray(address: str | None, dashboard_host: str = "127.0.0.1",
             "local": local}
 
 
-def dashboard_banner(info: dict[str, Any], dashboard_host: str) -> str:
-    """What the CLI prints about the dashboard: URL, and how to get the access token."""
-    url = info.get("dashboard_url")
-    if not url:
-        return ("Ray dashboard: none on this cluster (start the head with "
-                "--include-dashboard=true): Train runs are not listed, and the placement "
-                "groups of trials stopped early may leak (ray-project/ray#54305)")
-    lines = [f"Ray dashboard: {url}"]
-    if ray_compat.token_auth_enabled():
-        lines.append("  It asks for the cluster's access token: `ray get-auth-token` prints "
-                     "it (stored in ~/.ray/auth_token); API clients send "
-                     "'Authorization: Bearer <token>'.")
-    if info.get("local") and dashboard_host not in ("127.0.0.1", "localhost", "::1"):
-        lines.append(f"  Listening on {dashboard_host}: reachable from other machines.")
-    return "\n".join(lines)
-
-
-def check_shared_storage(exp: Path, timeout_s: float = 120.0) -> None:
+def check_shared_storage(exp: Location, timeout_s: float = 120.0) -> None:
     """On a multi-node cluster, refuse storage that some node does not see (a local disk
-    instead of a shared filesystem): trials write there from whichever node runs them."""
+    instead of a shared filesystem, a bucket without credentials on that node): trials
+    write there from whichever node runs them."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -385,28 +382,32 @@ def check_shared_storage(exp: Path, timeout_s: float = 120.0) -> None:
     if len(nodes) < 2:
         return
     marker = exp / f".storage-check-{uuid.uuid4().hex}"
-    atomic_write_bytes(marker, b"ok")
+    marker.write_bytes(b"ok")
     try:
-        probe = ray.remote(num_cpus=0)(_path_exists)
+        probe = ray.remote(num_cpus=0)(_exists)
         refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(str(marker)) for n in nodes]
+            n["NodeID"], soft=False)).remote(marker) for n in nodes]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         missing = [n.get("NodeManagerAddress", n["NodeID"]) for n, r in zip(nodes, refs,
                                                                             strict=True)
                    if r in ready and not ray.get(r)]
     finally:
-        marker.unlink(missing_ok=True)
+        marker.delete()
     if missing:
+        fix = ("give every node credentials that may read and write it" if exp.remote else
+               "mount a shared filesystem at the same path on every node")
         raise SpecError(f"storage: {exp.parent} is not visible from node(s) "
-                        f"{', '.join(missing)}; mount a shared filesystem at the same path on "
-                        "every node")
+                        f"{', '.join(missing)}; {fix}")
 
 
-def _path_exists(path: str) -> bool:
-    return os.path.exists(path)
+def _exists(location: Location) -> bool:
+    try:
+        return location.exists()
+    except OSError:  # no credentials or no route on that node
+        return False
 
 
-def make_sink_callback(exp: Path, name_of: Any, echo: bool = False) -> Any:
+def make_sink_callback(exp: Location | Path, name_of: Any, echo: bool = False) -> Any:
     """A Tune callback (driver process) that records in status.json what only Tune knows:
     trials stopped early by the scheduler, and trials whose driver died. With `echo` it
     prints one line when a trial starts and one when it ends (its val top-1, or the first
@@ -423,7 +424,7 @@ def make_sink_callback(exp: Path, name_of: Any, echo: bool = False) -> Any:
 
         def _sink(self, trial: Any) -> tuple[str, TrialSink]:
             tid = name_of(trial)
-            return tid, TrialSink(trial_dir(exp, tid))
+            return tid, TrialSink.at(trial_dir(exp, tid))
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any,
                            **info: Any) -> None:
@@ -439,7 +440,7 @@ def make_sink_callback(exp: Path, name_of: Any, echo: bool = False) -> Any:
                 st = sink.update_status(status="terminated", stopped_early=True,
                                         ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
                 self.stopped_early.append(tid)
-            say(f"trial {tid} {_ending(st, trial.last_result or {})}")
+            say(f"trial {tid} {trial_ending(st, trial.last_result or {})}")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any,
                            **info: Any) -> None:
@@ -451,19 +452,6 @@ def make_sink_callback(exp: Path, name_of: Any, echo: bool = False) -> Any:
             say(f"trial {tid} errored: {first_error_line(st.get('error')) or '?'}")
 
     return SinkCallback()
-
-
-def _ending(status: dict[str, Any], last: dict[str, Any]) -> str:
-    """How a trial that Tune saw complete ended, in a few words."""
-    def pct(v: Any) -> str:
-        return "-" if v is None else f"{100 * v:.1f}%"
-
-    state = status.get("status") or "terminated"
-    if state == "diverged":
-        return f"diverged: {first_error_line(status.get('error')) or 'non-finite loss'}"
-    early = " (stopped early)" if status.get("stopped_early") else ""
-    return (f"{state}{early}: val top-1 {pct(last.get('val_top1'))}, best "
-            f"{pct(status.get('best_val_top1'))} at step {status.get('best_step', '-')}")
 
 
 def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
@@ -489,7 +477,7 @@ def _tune_error(trial: Any) -> str:
     return _one_line(first_error_line(text) or "the trial's Tune actor failed")
 
 
-def build_caches(spec: SweepSpec, exp: Path, cache_dir: str | None,
+def build_caches(spec: SweepSpec, exp: Location, cache_dir: str | None,
                  model_paths: dict[str, str]) -> None:
     """Build, before any trial starts, the shared stores the trials read (`sweeper.cache`:
     frozen-tower image features, decode-once images), one Ray task per set of stores (a GPU
@@ -500,7 +488,11 @@ def build_caches(spec: SweepSpec, exp: Path, cache_dir: str | None,
     from sweeper import cache as C
 
     try:
-        jobs = C.cache_jobs(spec, exp.parent, model_paths, cache_dir)
+        # Stores are memory-mapped: on a bucket they live in each node's local mirror,
+        # and are uploaded to <storage>/.cache for the other nodes to copy.
+        storage = exp.parent
+        jobs = C.cache_jobs(spec, mirror_dir(storage, cache_dir), model_paths, cache_dir,
+                            remote=storage / ".cache" if storage.remote else None)
         if not jobs:
             return
         print(f"Building {len(jobs)} shared cache(s) before the trials ...", flush=True)
@@ -532,10 +524,12 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
         model_paths = prepare_inputs(spec, cache_dir, announce=False)
 
     exp = experiment_dir(spec)
+    if exp.remote:  # nodes without the preset models copy them from the bucket
+        publish_models(spec, model_paths, exp.parent)
     result = SweepResult(exp)
     info = init_ray(address, dashboard_host, verbose)
     try:
-        print(dashboard_banner(info, dashboard_host), flush=True)
+        print(dashboard_banner(info, dashboard_host, ray_compat.token_auth_enabled()), flush=True)
         fit = check_fits(spec, cluster_nodes())
         if not info.get("local"):
             check_shared_storage(exp)
@@ -558,7 +552,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
         build_caches(spec, exp, cache_dir, model_paths)
         trainable = tune.with_resources(
             tune.with_parameters(trial_driver, spec_json=spec.model_dump_json(),
-                                 experiment_dir=str(exp), cache_dir=cache_dir,
+                                 experiment_dir=exp, cache_dir=cache_dir,
                                  model_paths=model_paths, verbose=verbose),
             {"cpu": DRIVER_CPU},
         )
@@ -577,10 +571,12 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
             scheduler=_scheduler(spec),
             reuse_actors=False,
         )
-        callbacks = [sink_cb, *_logger_callbacks(spec, exp)]
-        if resume and tune.Tuner.can_restore(str(exp)):
-            tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True,
-                                       restart_errored=retry_errored)
+        # MLflow's file store needs a local folder: the node-local mirror of a bucket.
+        callbacks = [sink_cb, *_logger_callbacks(spec, mirror_dir(exp, cache_dir))]
+        if resume and tune.Tuner.can_restore(exp.fs_path, storage_filesystem=exp.fs):
+            tuner = tune.Tuner.restore(exp.fs_path, trainable, resume_unfinished=True,
+                                       restart_errored=retry_errored,
+                                       storage_filesystem=exp.fs)
             # This run's concurrency, scheduler and callbacks, not the first run's (Ray 2.60
             # keeps them on the restored TunerInternal).
             ray_compat.set_restored_tuner_config(tuner, tune_config, callbacks, verbose,
@@ -590,9 +586,9 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
                 trainable,
                 param_space={k: tune.grid_search(v) for k, v in axes.items()},
                 tune_config=tune_config,
-                run_config=tune.RunConfig(name=spec.name, storage_path=str(exp.parent),
-                                          callbacks=callbacks, verbose=verbose,
-                                          progress_reporter=reporter),
+                run_config=tune.RunConfig(name=spec.name, storage_path=exp.parent.fs_path,
+                                          storage_filesystem=exp.fs, callbacks=callbacks,
+                                          verbose=verbose, progress_reporter=reporter),
             )
         _install_interrupt_handlers(result)
         tuner.fit()

@@ -5,8 +5,9 @@ order a run checks it, shared by `--dry-run` and a real run.
 adds what needs the machine, never Ray: the storage, the loggers' packages, resources (a
 local run: this machine's CPUs and GPUs; a cluster run is checked again after joining),
 the dataset's layout, the model's presence, and the experiment folder (a changed spec, a
-folder that is not ours). It reads and never writes: a dry run leaves no trace, and a
-refused run loses nothing already written. Every refusal is one line naming the key or
+folder that is not ours). It reads and never writes (but for one probe object, deleted
+again, that proves a bucket takes our writes): a dry run leaves no trace, and a refused
+run loses nothing already written. Every refusal is one line naming the key or
 file (`SpecError`, `DataError`, `ModelError`).
 """
 
@@ -59,7 +60,7 @@ def preflight(spec: SweepSpec, address: str | None = None, *, new: bool = False,
     """Every check a run makes before its first trial; returns the spec of the experiment
     it would open (renamed `name-2`, ... with `new` when the spec changed). Cheap checks
     first: no data is scanned for a sweep that cannot run."""
-    check_storage(spec.storage)
+    check_storage(spec.storage, spec.storage_filesystem)
     check_loggers(spec)
     if cluster_address(address) is None:
         check_fits(spec, local_nodes())

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sweeper.spec import SpecError, SweepSpec, load_spec
+from sweeper.storage import Location
 from sweeper.trials import trial_configs
 
 
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster to join ('auto' or host:port; default: RAY_ADDRESS, "
                         "else start a local Ray)")
     p.add_argument("--storage", default=None,
-                   help="override `storage` (a local path; on a cluster, a shared one)")
+                   help="override `storage` (a local path, on a cluster a shared one, or a "
+                        "bucket URI: s3://bucket/prefix, gs://...)")
     p.add_argument("--name", default=None, help="override the experiment `name`")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY.PATH=VALUE", help="override a spec key (repeatable)")
@@ -42,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print everything Ray, Tune and transformers say (default: their "
                         "known-harmless messages are dropped)")
     p.add_argument("--cache-dir", default=None,
-                   help="where the tiny model and synthetic data are cached "
-                        "(default: $SWEEPER_CACHE or ~/.cache/sweeper)")
+                   help="where the tiny model, synthetic data and the node-local copy of a "
+                        "bucket storage are kept (default: $SWEEPER_CACHE or "
+                        "~/.cache/sweeper)")
     return p
 
 
@@ -62,16 +65,18 @@ def dry_run_table(spec: SweepSpec) -> str:
     return "\n".join(out)
 
 
-def write_report(experiment_dir: Path) -> dict[str, Path]:
-    """The experiment's Parquet files, report.md and plots (`analysis.report`); a failure
-    is logged, never fatal: the trials' results stay on disk."""
+def write_report(experiment_dir: Location) -> list[str]:
+    """Write the experiment's Parquet files, report.md and plots (`analysis.report`; for
+    a bucket, to its node-local copy, then uploaded); returns the `key: where` lines to
+    print. A failure is logged, never fatal: the trials' results stay where they are."""
     try:
+        from analysis.dataset import output_lines
         from analysis.report import write_report as write
 
-        return write(experiment_dir)
+        return output_lines(experiment_dir, None, write(experiment_dir))
     except Exception as e:
         logging.getLogger("sweeper").error("report failed: %s", e)
-        return {}
+        return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +96,10 @@ def _main(argv: list[str] | None) -> int:
 
         quiet_process()
         os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' "Writing model shards"
+    if args.cache_dir:
+        # One cache for everything of this run that defaults to it (the report's local
+        # copy of a bucket experiment too), in this process and the local Ray it starts.
+        os.environ["SWEEPER_CACHE"] = str(Path(args.cache_dir).expanduser().resolve())
     overrides = list(args.overrides)
     if args.storage:
         overrides.append(f"storage={args.storage}")
@@ -131,7 +140,7 @@ def _main(argv: list[str] | None) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result.report_paths = write_report(result.experiment_dir)
+    report_lines = write_report(result.experiment_dir)
     counts: dict[str, int] = {}
     for s in result.statuses.values():
         counts[s] = counts.get(s, 0) + 1
@@ -141,8 +150,8 @@ def _main(argv: list[str] | None) -> int:
              if result.stopped_early else ""))
     for tid, err in result.errors.items():
         print(f"  errored {tid}: {err}")
-    for key, path in result.report_paths.items():
-        print(f"{key}: {path}")
+    for line in report_lines:
+        print(line)
     if result.interrupted:
         print("Interrupted: the experiment state is saved; rerun the same command to resume.")
     elif result.errors:

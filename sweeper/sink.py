@@ -16,19 +16,32 @@ Experiment directory layout (`<storage>/<name>/`)::
     trials.parquet, history.parquet, per_class.parquet, report.md, plots/   (analysis)
 
 Rank 0 of a trial writes; every file is either appended line by line (a torn last line is
-skipped on read) or replaced atomically (temporary file, fsync, `os.replace`).
+skipped on read) or replaced atomically (temporary file, fsync, `os.replace`). On an
+object store (`storage: s3://...`) the same layout holds whole objects: a trial appends to
+its node-local copy and uploads the file whole after each change (`TrialSink`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from sweeper.storage import (  # noqa: F401 (the file primitives' historical home)
+    Location,
+    atomic_write_bytes,
+    atomic_write_json,
+    clean_json,
+    json_bytes,
+    parse_json,
+    parse_jsonl,
+    publish_dir,
+    read_json,
+    read_jsonl,
+)
 
 HISTORY_KEYS = (
     "epoch",
@@ -47,137 +60,145 @@ HISTORY_KEYS = (
     "skipped_images",
 )
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.filename is None and e.errno is not None:  # name the file (disk full, quota)
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf; store them as null so every reader parses the file."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Atomically replace `path` with `obj` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: str | Path) -> Any | None:
-    """The JSON in `path`, or None when the file is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of `path`; a torn line (a killed writer) is skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    return parse_jsonl(text)
-
-
-def parse_jsonl(text: str) -> list[dict[str, Any]]:
-    """Complete JSON object lines of `text`; a torn or foreign line is skipped."""
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 class TrialSink:
-    """Writer and reader for one trial's folder (`<experiment>/trials/<trial_id>/`)."""
+    """Writer and reader for one trial's folder (`<experiment>/trials/<trial_id>/`).
 
-    def __init__(self, trial_dir: str | Path) -> None:
-        self.dir = Path(trial_dir)
+    On local (or shared) storage the folder is `trial_dir`: lines are appended in place.
+    On remote storage (`remote`, the folder in the bucket) `trial_dir` is the node-local
+    working copy (None: no copy, as the driver needs none for its status updates): each
+    file is read from the bucket on first use, changed locally and uploaded whole after
+    every change, so the bucket holds every report the trial made and never half a file;
+    status.json is always read from the bucket (the driver updates it too)."""
+
+    def __init__(self, trial_dir: str | Path | None = None,
+                 remote: Location | None = None) -> None:
+        self.dir = Path(trial_dir) if trial_dir is not None else None
+        self.remote = remote if remote is not None and remote.remote else None
+        if self.dir is None and self.remote is None:
+            raise ValueError("a trial sink needs a local folder or a remote one")
+        self._pulled: set[str] = set()
+
+    @classmethod
+    def at(cls, location: Location | str | Path) -> TrialSink:
+        """The sink of the trial folder `location` (a path, or a Location of either kind)."""
+        if isinstance(location, Location):
+            return cls(location.local) if not location.remote else cls(None, location)
+        return cls(location)
 
     @property
     def history_path(self) -> Path:
-        return self.dir / "history.jsonl"
+        return self._local("history.jsonl")
 
     @property
     def per_class_path(self) -> Path:
-        return self.dir / "per_class.jsonl"
+        return self._local("per_class.jsonl")
 
     @property
     def status_path(self) -> Path:
-        return self.dir / "status.json"
+        return self._local("status.json")
+
+    def _local(self, name: str) -> Path:
+        if self.dir is None:
+            raise ValueError(f"{self.remote}: this sink keeps no local copy")
+        return self.dir / name
+
+    def _pull(self, name: str) -> None:
+        """Make the local copy of `name` the bucket's (once per sink: from then on this
+        sink is its only writer)."""
+        if self.remote is None or self.dir is None or name in self._pulled:
+            return
+        data = (self.remote / name).read_bytes()
+        if data is None:
+            self._local(name).unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(self._local(name), data)
+        self._pulled.add(name)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The file `name` of the trial folder, or None when there is none."""
+        if self.remote is not None and (self.dir is None or name == "status.json"):
+            return (self.remote / name).read_bytes()
+        self._pull(name)
+        try:
+            return self._local(name).read_bytes()
+        except OSError:
+            return None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Replace the file `name` whole (locally, then in the bucket)."""
+        if self.dir is not None:
+            atomic_write_bytes(self._local(name), data)
+            self._pulled.add(name)
+        if self.remote is not None:
+            (self.remote / name).write_bytes(data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, json_bytes(obj))
 
     def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_json(self.dir / "config.json", config)
+        self.write_json("config.json", config)
 
     def update_status(self, **fields: Any) -> dict[str, Any]:
         """Merge `fields` into status.json (atomically) and return the new status."""
-        status = read_json(self.status_path) or {}
+        status = self.status()
         status.update(fields)
-        atomic_write_json(self.status_path, status)
+        self.write_json("status.json", status)
         return status
 
     def status(self) -> dict[str, Any]:
-        return read_json(self.status_path) or {}
+        status = parse_json(self.read_bytes("status.json"))
+        return status if isinstance(status, dict) else {}
 
-    def _append(self, path: Path, row: dict[str, Any]) -> None:
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        line = json.dumps(clean_json(row), sort_keys=True) + "\n"
+        if self.dir is None:  # remote, no working copy: rewrite the object
+            (self.remote / name).write_bytes((self.read_bytes(name) or b"") + line.encode())
+            return
+        self._pull(name)
+        path = self._local(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        if self.remote is not None:
+            (self.remote / name).upload(path)
 
     def append_history(self, row: dict[str, Any]) -> None:
-        self._append(self.history_path, row)
+        self._append("history.jsonl", row)
 
     def append_per_class(self, step: int, accuracy: dict[str, float]) -> None:
-        self._append(self.per_class_path, {"step": step, "accuracy": accuracy})
+        self._append("per_class.jsonl", {"step": step, "accuracy": accuracy})
 
     def history(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.history_path)
+        return parse_jsonl((self.read_bytes("history.jsonl") or b"").decode(errors="replace"))
 
     def truncate_after(self, step: int) -> None:
         """On resume from a checkpoint at `step`, drop rows reported after it (they will be
         reported again), so the history holds every step exactly once."""
-        for path in (self.history_path, self.per_class_path):
-            rows = read_jsonl(path)
+        for name in ("history.jsonl", "per_class.jsonl"):
+            data = self.read_bytes(name)
+            rows = parse_jsonl((data or b"").decode(errors="replace"))
             kept = [r for r in rows if int(r.get("step", -1)) <= step]
-            if len(kept) != len(rows) or path.exists():
-                _write_lines(path, kept)
+            if len(kept) != len(rows) or data is not None:
+                self.write_bytes(name, _lines(kept))
+
+    def publish_dir(self, name: str, marker: str) -> None:
+        """Upload the local folder `name` (e.g. final_model/) to the bucket, `marker`
+        last; nothing on local storage, where it already is in place."""
+        if self.remote is not None and self.dir is not None:
+            publish_dir(self._local(name), self.remote / name, marker)
 
 
-def _write_lines(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    data = "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in rows)
-    atomic_write_bytes(path, data.encode())
+def _lines(rows: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(clean_json(r), sort_keys=True) + "\n" for r in rows).encode()
 
 
-def trial_dir(experiment_dir: str | Path, trial_id: str) -> Path:
-    """Where a trial's own files live inside the experiment directory."""
+def trial_dir(experiment_dir: str | Path | Location, trial_id: str) -> Path | Location:
+    """Where a trial's own files live inside the experiment directory (a Path, or a
+    Location when given one)."""
+    if isinstance(experiment_dir, Location):
+        return experiment_dir / "trials" / trial_id
     return Path(experiment_dir) / "trials" / trial_id
 
 

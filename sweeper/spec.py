@@ -283,7 +283,10 @@ class SweepSpec(_Strict):
     """The whole search space, as written in the YAML file."""
 
     name: str = Field(pattern=NAME, max_length=100)
-    storage: str = "./results"
+    storage: str = "./results"  # a path, or a URI: s3://bucket/prefix, gs://..., hdfs://...
+    # The pyarrow filesystem of `storage`, from options: {type: s3|gcs|hdfs|local|fsspec,
+    # ...} (sweeper.storage); default: the one pyarrow resolves from the URI.
+    storage_filesystem: dict[str, Any] | None = None
     model: ModelSpec = ModelSpec()
     variants: dict[str, VariantSpec] = Field(min_length=1)
     data: DataSpec
@@ -296,6 +299,19 @@ class SweepSpec(_Strict):
     loggers: list[Literal["tensorboard", "mlflow", "wandb", "csv", "json"]] = Field(
         default_factory=list
     )
+
+    @field_validator("storage_filesystem")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # The spec is copied into sweep.json in the bucket: credentials stay in the
+        # environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) or the cloud's own files.
+        for key in v or {}:
+            if re.search(r"secret|password|token|access_key|credential", str(key), re.I):
+                raise ValueError(f"{key}: credentials do not belong in the spec; set them "
+                                 "in the environment (AWS_ACCESS_KEY_ID, ...)")
+        if v is not None and not isinstance(v.get("type"), str):
+            raise ValueError("needs a `type` (s3, gcs, hdfs, local or fsspec)")
+        return v
 
     @field_validator("variants")
     @classmethod
@@ -638,5 +654,6 @@ def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:
 def spec_fingerprint(spec: SweepSpec) -> str:
     """Hash of what defines the experiment's results (not where they are stored)."""
     doc = spec.model_dump(mode="json",
-                          exclude={"storage": True, "scaling": {"max_concurrent_trials"}})
+                          exclude={"storage": True, "storage_filesystem": True,
+                                   "scaling": {"max_concurrent_trials"}})
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

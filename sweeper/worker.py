@@ -36,6 +36,7 @@ from sweeper.models import (
 from sweeper.resources import worker_resources
 from sweeper.sink import TrialSink
 from sweeper.spec import TrialConfig
+from sweeper.storage import Location
 from sweeper.training import (
     autocast_for,
     configure_matmul,
@@ -63,6 +64,9 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     trial_dir: Path = Path(".")
+    # The trial's folder in the bucket when `storage` is remote; `trial_dir` is then its
+    # node-local copy, and the sink uploads every file whole after each change.
+    remote: Location | None = None
     report: ReportFn = lambda metrics, ckpt: None
     resume_from: Path | None = None  # a checkpoint directory to continue from
     cache_dir: Path | None = None
@@ -239,6 +243,7 @@ class _Sequencer:
         if self.sink:
             if self.cfg.train.save_final and status == "terminated":
                 save_final_model(self.ctx.trial_dir / "final_model", model, processor)
+                self.sink.publish_dir("final_model", marker="config.json")
             self.sink.update_status(**final)
         return final
 
@@ -271,7 +276,7 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     device = ctx.device
-    sink = TrialSink(ctx.trial_dir) if ctx.rank == 0 else None
+    sink = TrialSink(ctx.trial_dir, ctx.remote) if ctx.rank == 0 else None
     cfg = _with_checkpoint(cfg)
     model, processor = load_pretrained(cfg.model_path, cfg.model.trust_remote_code)
     tokenizer = processor.tokenizer

@@ -1,8 +1,16 @@
-"""Shared fixtures: an isolated cache with a tiny model pretrained in seconds."""
+"""Shared fixtures: an isolated cache with a tiny model pretrained in seconds, and a real S3
+protocol server on 127.0.0.1 (moto's server mode)."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,3 +58,87 @@ def table_after(report: str, heading: str) -> list[list[str]]:
         if not ln.startswith("|---"):
             rows.append([c.strip() for c in ln.strip("|").split(" | ")])
     return rows
+
+
+# --------------------------------------------------------------------------- an S3 server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """A real S3 protocol server (moto's server mode) on 127.0.0.1, in its own process.
+    `env` is what a client needs to reach it: the standard AWS_* variables, the endpoint
+    in AWS_ENDPOINT_URL (what MinIO or Ceph users set)."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 60
+        while not self._up():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"moto server did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def _up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def post(self, path: str, body: bytes = b"") -> None:
+        """A call to moto's own control API (`/moto-api/...`)."""
+        # text/plain: a form content type would hide the body from moto (Flask parses it).
+        req = urllib.request.Request(f"{self.endpoint}{path}", data=body, method="POST",
+                                     headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def bucket(self) -> str:
+        """A new empty bucket."""
+        import pyarrow.fs as pafs
+
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        pafs.S3FileSystem(endpoint_override=self.endpoint, access_key="testing",
+                          secret_key="testing", region="us-east-1",
+                          allow_bucket_creation=True).create_dir(name)
+        return name
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One S3 server for the session, its AWS_* variables set in this process (and so
+    in every process it starts) while it runs."""
+    pytest.importorskip("moto.server")
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

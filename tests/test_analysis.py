@@ -585,8 +585,8 @@ def test_uri_experiment_writes_to_out(tmp_path: Path, built: tuple[Path, dict[st
     assert remote.equals(local)
     assert pq.read_table(paths["trials"])["trial_path"][0].as_py().startswith("file://")
     assert not (exp / "trials.parquet").exists()
-    with pytest.raises(ValueError, match="--out"):
-        write_report(exp.as_uri())
+    # Without --out the outputs go next to the experiment, as for a bucket (test_storage).
+    assert write_report(exp.as_uri())["report"] == exp / "report.md"
 
 
 def test_partial_experiments(tmp_path: Path) -> None:
