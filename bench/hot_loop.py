@@ -23,7 +23,12 @@
   (`--shape b16`: 768 wide, 12 layers; the default is the bench model, 128 wide, 2 layers).
 
 Prints `hot_loop_ratio` (worker samples/s with the defaults / bare samples/s; target
->= 0.95), `hot_loop_ratio_cached` (with the image cache) and the throughputs.
+>= 0.95), `hot_loop_ratio_cached` (with the image cache) and the throughputs. On a
+machine that others share, wall-clock ratios follow their load (a process with more
+threads or helper processes gets more of the cores); `--in-process` on the CPU also
+prints `hot_loop_cpu_ratio` (and `_cached`): samples per CPU-second of the training
+thread, worker / bare (evaluation excluded), which is what the loop adds to the step
+wherever its DataLoader processes have cores of their own.
 
 Run: `python bench/hot_loop.py [--quick] [--in-process] [--device cuda] [--shape b16]`.
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -50,9 +56,10 @@ B16 = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "patch_size": 16,
 
 
 def bare_loop(cfg: Any, n_steps: int, chunks: int, device: Any, warmup: int = 2
-              ) -> list[float]:
-    """Samples/s of HF's SiglipModel(return_loss=True) / backward / fused AdamW over
-    pre-collated batches on `device`, for each of `chunks` runs of `n_steps` steps."""
+              ) -> list[tuple[float, float]]:
+    """(samples/s, samples per CPU-second of this thread) of HF's SiglipModel(return_loss=
+    True) / backward / fused AdamW over pre-collated batches on `device`, for each of
+    `chunks` runs of `n_steps` steps."""
     import torch
 
     from sweeper import data as D
@@ -86,11 +93,12 @@ def bare_loop(cfg: Any, n_steps: int, chunks: int, device: Any, warmup: int = 2
     out = []
     for _ in range(chunks):
         sync()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.thread_time()
         for i in range(n_steps):
             step(batches[i % len(batches)])
         sync()
-        out.append(n_steps * cfg.batch_size / (time.perf_counter() - t))
+        n = n_steps * cfg.batch_size
+        out.append((n / (time.perf_counter() - t), n / (time.thread_time() - cpu)))
     return out
 
 
@@ -112,17 +120,35 @@ def ray_trials(doc: dict[str, Any]) -> dict[bool, list[dict[str, Any]]]:
 
 
 def in_process_trials(doc: dict[str, Any], device: Any, work: Path
-                      ) -> dict[bool, list[dict[str, Any]]]:
-    """The same trials through `worker.run_trial` in this process, on `device`."""
+                      ) -> tuple[dict[bool, list[dict[str, Any]]], dict[bool, list[float]]]:
+    """The same trials through `worker.run_trial` in this process, on `device`; also the
+    CPU-seconds of this (the training) thread in each interval between evaluations,
+    evaluation excluded (the DataLoader processes' work is not on it)."""
+    from sweeper import worker
     from sweeper.sink import TrialSink
-    from sweeper.worker import WorkerContext, run_trial
 
-    out = {}
-    for t in common_trials(doc):
-        d = work / t.trial_id
-        run_trial(t, WorkerContext(device=device, trial_dir=d, cache_dir=common.cache_dir()))
-        out[t.data.cache_images] = TrialSink(d).history()
-    return out
+    hist, cpu = {}, {}
+    report = worker._Sequencer.report
+    marks: list[tuple[float, float]] = []
+
+    def timed_report(self: Any, *a: Any, **k: Any) -> Any:
+        before = time.thread_time()
+        try:
+            return report(self, *a, **k)
+        finally:
+            marks.append((before, time.thread_time()))
+
+    worker._Sequencer.report = timed_report  # the bench's own probe
+    try:
+        for t in common_trials(doc):
+            d, marks[:] = work / t.trial_id, []
+            worker.run_trial(t, worker.WorkerContext(device=device, trial_dir=d,
+                                                     cache_dir=common.cache_dir()))
+            hist[t.data.cache_images] = TrialSink(d).history()
+            cpu[t.data.cache_images] = [b[0] - a[1] for a, b in itertools.pairwise(marks)]
+    finally:
+        worker._Sequencer.report = report
+    return hist, cpu
 
 
 def common_trials(doc: dict[str, Any]) -> list[Any]:
@@ -180,16 +206,28 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     # As many bare chunks as worker intervals, half before and half after the worker.
     bare = bare_loop(cfg, interval, n_int // 2, device)
+    cpu: dict[bool, list[float]] = {}
     with contextlib.redirect_stdout(sys.stderr):  # Tune's progress output
-        hist = in_process_trials(doc, device, work) if args.in_process else ray_trials(doc)
+        if args.in_process:
+            hist, cpu = in_process_trials(doc, device, work)
+        else:
+            hist = ray_trials(doc)
     bare += bare_loop(cfg, interval, n_int - n_int // 2, device)
     torch.set_num_threads(threads)
     worker, cached = worker_rate(hist[False]), worker_rate(hist[True])
+    best = max(b[0] for b in bare)
     common.emit("hot_loop_worker_samples_per_s", worker)
     common.emit("hot_loop_worker_cached_samples_per_s", cached)
-    common.emit("hot_loop_bare_samples_per_s", max(bare))
-    common.emit("hot_loop_ratio", worker / max(bare))
-    common.emit("hot_loop_ratio_cached", cached / max(bare))
+    common.emit("hot_loop_bare_samples_per_s", best)
+    common.emit("hot_loop_ratio", worker / best)
+    common.emit("hot_loop_ratio_cached", cached / best)
+    if cpu and not gpu:
+        # Per CPU-second of the training thread: what the loop adds to the step's own
+        # work, whatever else shares the machine (its DataLoader processes included).
+        bare_cpu = max(b[1] for b in bare)
+        for tag, cached_ in (("", False), ("_cached", True)):
+            per = [interval * args.batch / c for c in cpu[cached_][1:] if c > 0]
+            common.emit(f"hot_loop_cpu_ratio{tag}", max(per) / bare_cpu)
     common.emit("hot_loop_device", str(device))
     common.emit("hot_loop_shape", args.shape)
     common.emit("hot_loop_batch", args.batch)

@@ -116,7 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     })
 
     upload = checkpoint_upload(cfg.checkpoint.upload, str(tdir))  # "sync" or "async"
-    persisted: list[Any] = []  # this run's checkpoints in storage, oldest first
+    persisted: list[Any] = [ckpt] if ckpt else []  # in storage, oldest first
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
