@@ -54,7 +54,8 @@ FAMILIES: dict[str, Family] = {
     "clip": Family("clip", "CLIP", text_mask=True),
     "metaclip_2": Family("metaclip_2", "MetaCLIP 2", text_mask=True),
 }
-# A `siglip` checkpoint with a Gemma tokenizer: SigLIP 2 at a fixed resolution.
+# A `siglip` checkpoint with a Gemma tokenizer (as the hub ships it, or as Hugging Face's
+# `Siglip2Tokenizer`): SigLIP 2 at a fixed resolution.
 SIGLIP2_FIXRES = replace(FAMILIES["siglip"], label="SigLIP 2 FixRes", lowercase=True)
 
 
@@ -69,7 +70,8 @@ def family_of(model_type: str | None, tokenizer_class: str | None = None) -> Fam
     `tokenizer_class` (as `tokenizer_config.json` or the loaded tokenizer names it), or None
     when sweeper does not support that model type."""
     fam = FAMILIES.get(model_type or "")
-    if fam is not None and fam.model_type == "siglip" and "Gemma" in (tokenizer_class or ""):
+    gemma = any(name in (tokenizer_class or "") for name in ("Gemma", "Siglip2"))
+    if fam is not None and fam.model_type == "siglip" and gemma:
         return SIGLIP2_FIXRES
     return fam
 
