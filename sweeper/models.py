@@ -81,12 +81,17 @@ def build_tiny(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
                          pad_token_id=0, eos_token_id=2, bos_token_id=2, **_tower_sizes(tiny)),
         vision_config=dict(image_size=size, patch_size=tiny.patch_size, **_tower_sizes(tiny)),
     )
-    torch.manual_seed(tiny.seed)
-    model = SiglipModel(config)
+    return _sigmoid_init(SiglipModel, config, tiny.seed), processor
+
+
+def _sigmoid_init(model_class: Any, config: Any, seed: int) -> Any:
+    """A fresh `model_class(config)` (seeded) with the SigLIP paper's temperature and bias."""
+    torch.manual_seed(seed)
+    model = model_class(config)
     with torch.no_grad():
         model.logit_scale.fill_(SIGLIP_INIT_SCALE)
         model.logit_bias.fill_(SIGLIP_INIT_BIAS)
-    return model, processor
+    return model
 
 
 def build_tiny_clip(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
@@ -158,12 +163,7 @@ def build_tiny_siglip2(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
         vision_config=dict(patch_size=tiny.patch_size, num_patches=n_patches,
                            **_tower_sizes(tiny)),
     )
-    torch.manual_seed(tiny.seed)
-    model = Siglip2Model(config)
-    with torch.no_grad():
-        model.logit_scale.fill_(SIGLIP_INIT_SCALE)
-        model.logit_bias.fill_(SIGLIP_INIT_BIAS)
-    return model, processor
+    return _sigmoid_init(Siglip2Model, config, tiny.seed), processor
 
 
 BUILDERS = {"siglip": build_tiny, "clip": build_tiny_clip, "siglip2": build_tiny_siglip2}
