@@ -41,7 +41,8 @@ from sweeper.models import (
     text_max_length,
 )
 from sweeper.run import main
-from sweeper.spec import TrialConfig, resolve_trial, validate
+from sweeper.spec import TrialConfig, validate
+from sweeper.trials import resolve_trial
 from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import base_doc
 
