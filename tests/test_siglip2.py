@@ -19,6 +19,8 @@ in conftest).
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import shutil
@@ -207,6 +209,36 @@ def test_naflex_frozen_tower_on_cached_features_equals_decoding(
                 assert b[k] is None
             else:
                 assert b[k] == pytest.approx(a[k], abs=1e-4), k
+
+
+@pytest.mark.parametrize(("loss", "frozen"), [("sigmoid", False), ("softmax", True)])
+def test_naflex_micro_batches_equal_one_pass(loss: str, frozen: bool,
+                                             siglip2_checkpoints) -> None:
+    """`train.micro_batch_size` on NaFlex batches: the patch mask and spatial shapes are
+    sliced with the pixels, and the gradients are the one-pass step's."""
+    from sweeper.training import loss_fn_for, micro_batch_step, train_step
+
+    model, processor = load_pretrained(siglip2_checkpoints["naflex"])
+    tf = D.image_transform(processor.image_processor, 9)
+    texts = ["a red circle", "a green square near the top", "a blue bar", "a big star"]
+    items = [{**tf(img), "label": i % 4, "text": texts[i % 4], "index": i, "skipped": 0}
+             for i, img in enumerate(_images() + _images(1) + _images(2)[:2])]
+    batch = D.Collate(processor.tokenizer, 16)(items)  # 12 samples, 5 aspect ratios
+    grads = []
+    for step in (train_step, functools.partial(micro_batch_step, micro_batch_size=4)):
+        enc = DualEncoder(copy.deepcopy(model), loss, frozen).train()
+        params = [p for p in enc.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        step(enc, batch, opt, sched, loss_fn_for(loss), None, _null)
+        grads.append({n: p.grad for n, p in enc.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any("vision" in n for n in grads[0]) != frozen
+    # To 1e-5 of each tensor, or of the largest gradient where the true one is ~0 (as in
+    # tests/test_microbatch.py: float32 sums in another order).
+    scale = max(g.abs().max().item() for g in grads[0].values())
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-5 * scale, msg=n)
 
 
 def test_tiny_siglip2_preset_is_built_and_pretrained_offline(cache_dir: Path) -> None:
