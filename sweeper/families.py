@@ -36,21 +36,20 @@ class Family:
     pool the last position, padding included, so they get none. `naflex`: images are
     patch sequences under a patch budget (`model.max_num_patches`), not fixed-size images.
     `lowercase`: text is lower-cased before tokenizing (SigLIP 2 was trained on
-    lower-cased text). `own_bias`: the checkpoint has a sigmoid `logit_bias`; otherwise the
-    sigmoid loss adds one, initialised at -10."""
+    lower-cased text). The sigmoid bias is the checkpoint's `logit_bias` where it has one
+    (SigLIP, SigLIP 2), else a new one at -10 (`models.DualEncoder`)."""
 
     model_type: str
     label: str
     text_mask: bool
     naflex: bool = False
     lowercase: bool = False
-    own_bias: bool = False
 
 
 FAMILIES: dict[str, Family] = {
-    "siglip": Family("siglip", "SigLIP", text_mask=False, own_bias=True),
+    "siglip": Family("siglip", "SigLIP", text_mask=False),
     "siglip2": Family("siglip2", "SigLIP 2 NaFlex", text_mask=False, naflex=True,
-                      lowercase=True, own_bias=True),
+                      lowercase=True),
     "clip": Family("clip", "CLIP", text_mask=True),
     "metaclip_2": Family("metaclip_2", "MetaCLIP 2", text_mask=True),
 }
