@@ -26,7 +26,18 @@ SCHEMA_VERSION = "1"
 NAMED_AXES = ("variant", "text_source", "batch_size", "n_train_classes", "seed")
 # Dotted grid axes must start with one of these spec sections (see sweeper.spec).
 EXTRA_AXIS_SECTIONS = ("model", "train", "eval", "data", "checkpoint")
-FINAL_METRICS = ("val_top1", "val_top5", "val_top1_seen", "val_top1_unseen", "train_loss")
+# Evaluation metrics beside top-1 (sweeper.evaluation): mean per-class recall, and the
+# image-text retrieval recalls (present when the trial's val images have captions).
+EVAL_METRICS = (
+    "val_mean_per_class_recall", "val_mean_per_class_recall_seen",
+    "val_mean_per_class_recall_unseen",
+    *(f"val_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+)
+FINAL_METRICS = ("val_top1", "val_top5", "val_top1_seen", "val_top1_unseen", *EVAL_METRICS,
+                 "train_loss")
+# history.parquet's metric columns: the sink's keys, the evaluation metrics after top-1.
+_AFTER = HISTORY_KEYS.index("val_top1_unseen") + 1
+HISTORY_COLUMNS = (*HISTORY_KEYS[:_AFTER], *EVAL_METRICS, *HISTORY_KEYS[_AFTER:])
 
 _INT_HISTORY = frozenset({"step", "samples_seen", "skipped_images"})
 
@@ -77,6 +88,7 @@ _TRIAL_TAIL: tuple[tuple[str, pa.DataType], ...] = (
     ("val_top5", pa.float64()),
     ("val_top1_seen", pa.float64()),
     ("val_top1_unseen", pa.float64()),
+    *((m, pa.float64()) for m in EVAL_METRICS),
     ("train_loss", pa.float64()),
     ("best_val_top1", pa.float64()),
     ("best_step", pa.int64()),
@@ -587,13 +599,14 @@ def history_table(exp: Experiment) -> pa.Table:
     fields = [("trial_id", pa.string())]
     fields += [(a, _AXIS_TYPES[a]) for a in NAMED_AXES]
     fields += _extra_axis_fields(exp)
-    fields += [(k, pa.int64() if k in _INT_HISTORY else pa.float64()) for k in HISTORY_KEYS]
+    fields += [(k, pa.int64() if k in _INT_HISTORY else pa.float64()) for k in HISTORY_COLUMNS]
     schema = pa.schema(fields, metadata=_metadata(exp))
     rows = []
     for rec in exp.trials:
         axes = {axis_column(a): _axis_value(rec, a) for a in exp.axes}
         for r in _by_step(_history_rows(rec)):
-            rows.append({"trial_id": rec.trial_id, **axes, **{k: r.get(k) for k in HISTORY_KEYS}})
+            rows.append({"trial_id": rec.trial_id, **axes,
+                         **{k: r.get(k) for k in HISTORY_COLUMNS}})
     return _table(rows, schema)
 
 

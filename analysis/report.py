@@ -238,7 +238,21 @@ def build_markdown(
             [seen],
             plots,
             out,
-            note="Final val top-1 (%) on the training classes, on the others, and on all.",
+            note="Final val top-1 (%) on the training classes, on the others, and on all."
+            + (" Per class: the mean of the classes' top-1 (mean per-class recall), each "
+               "class weighing the same." if any("per class" in c.label for c in seen.columns)
+               else ""),
+        )
+    retrieval = T.retrieval_table(trials)
+    if retrieval is not None:
+        lines += _section(
+            "Image-text retrieval",
+            [retrieval],
+            plots,
+            out,
+            note="Final recall@k (%) on the val images that have captions: image→text, the "
+            "images with one of their captions among their k nearest captions; text→image, "
+            "the captions whose image is among their k nearest images.",
         )
     curves = [k for k in plots if k.startswith("learning_curves")]
     if curves:

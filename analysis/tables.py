@@ -478,20 +478,39 @@ def zero_shot_table(trials: pd.DataFrame) -> Table:
     )
 
 
+def _has(done: pd.DataFrame, columns: list[str]) -> bool:
+    """Whether some finished trial has a value in one of `columns`."""
+    return all(c in done for c in columns) and not done[columns].isna().all().all()
+
+
 def seen_unseen_table(trials: pd.DataFrame) -> Table | None:
-    """Final val top-1 on the training classes, the others, and all; None without data."""
+    """Final val top-1 on the training classes, the others, and all, and the same as mean
+    per-class recall (each class weighing the same) when recorded; None without data."""
     done = finished(trials)
-    if done[["val_top1_seen", "val_top1_unseen"]].isna().all().all():
+    if not _has(done, ["val_top1_seen", "val_top1_unseen"]):
         return None
-    return group_table(
-        trials,
-        [
-            ("seen classes", "val_top1_seen"),
-            ("unseen classes", "val_top1_unseen"),
-            ("all classes", "val_top1"),
-        ],
-        key="seen_vs_unseen",
-    )
+    columns: list[tuple[str, Any]] = [
+        ("seen classes", "val_top1_seen"),
+        ("unseen classes", "val_top1_unseen"),
+        ("all classes", "val_top1"),
+    ]
+    recall = "val_mean_per_class_recall"
+    if _has(done, [recall]):
+        columns += [("seen, per class", f"{recall}_seen"),
+                    ("unseen, per class", f"{recall}_unseen"), ("all, per class", recall)]
+    return group_table(trials, columns, key="seen_vs_unseen")
+
+
+RETRIEVAL = [(f"{label} R@{k}", f"val_{d}_r{k}")
+             for d, label in (("i2t", "image→text"), ("t2i", "text→image")) for k in (1, 5, 10)]
+
+
+def retrieval_table(trials: pd.DataFrame) -> Table | None:
+    """Final image-text retrieval recall@1/5/10 both ways, per setting; None when no
+    trial evaluated retrieval (no captioned val images)."""
+    if not _has(finished(trials), [c for _, c in RETRIEVAL]):
+        return None
+    return group_table(trials, RETRIEVAL, key="retrieval")
 
 
 def _pct(v: Any) -> str:

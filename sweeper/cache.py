@@ -57,6 +57,7 @@ import torch
 
 from sweeper import data as D
 from sweeper.collectives import Agreement
+from sweeper.evaluation import ValImages
 from sweeper.models import DualEncoder, load_pretrained
 from sweeper.spec import DataSpec, ModelSpec, SweepSpec
 from sweeper.storage import Location, atomic_write_json, publish_dir, pull_dir
@@ -149,11 +150,11 @@ class SplitListing:
         return np.array([index[os.path.normpath(s.path)] for s in samples], dtype=np.int64)
 
 
-def transform_settings(transform: D.ImageTransform) -> dict[str, Any]:
+def transform_settings(transform: D.Transform) -> dict[str, Any]:
     return dataclasses.asdict(transform)
 
 
-def feature_key(checkpoint: dict[str, Any], transform: D.ImageTransform,
+def feature_key(checkpoint: dict[str, Any], transform: D.Transform,
                 listing: SplitListing, precision: str) -> str:
     """Content key of a split's frozen-tower features."""
     return _sha({"v": CACHE_VERSION, "kind": "features", "checkpoint": checkpoint,
@@ -161,7 +162,7 @@ def feature_key(checkpoint: dict[str, Any], transform: D.ImageTransform,
                  "files": listing.digest, "precision": precision})[:24]
 
 
-def image_key(transform: D.ImageTransform, listing: SplitListing) -> str:
+def image_key(transform: D.Transform, listing: SplitListing) -> str:
     """Content key of a split's decoded uint8 images (only the resize settings matter, but
     the whole transform is hashed: simpler and never stale)."""
     return _sha({"v": CACHE_VERSION, "kind": "images",
@@ -255,33 +256,40 @@ def _pull(remote: Location, directory: Path) -> bool:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Image i of a split resized for the model (HWC uint8), read exactly as training reads
-    it (`ImageTextDataset.load_uint8`), and whether it could be read (an unreadable image
-    gives zeros and False; the trials then skip it as they would when decoding)."""
+    """Image i of a split read exactly as training reads it (`ImageTextDataset.load_uint8`)
+    and whether it could be read (an unreadable image gives a blank one and False; the
+    trials then skip it as they would when decoding): resized for the model (HWC uint8),
+    or with `as_inputs` the vision tower's inputs (`transform.inputs`)."""
 
-    def __init__(self, listing: SplitListing, transform: D.ImageTransform) -> None:
+    def __init__(self, listing: SplitListing, transform: D.Transform,
+                 as_inputs: bool = False) -> None:
         self.ds = D.ImageTextDataset(listing.samples, [], transform, ["{}"], "templates", 0,
                                      root=listing.root)
-        self.size = transform.output_size
+        self.transform, self.as_inputs = transform, as_inputs
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, bool]:
+    def __getitem__(self, i: int) -> tuple[Any, bool]:
         arr = self.ds.load_uint8(i)
-        if arr is None:
-            h, w = self.size or (1, 1)
-            return np.zeros((h, w, 3), np.uint8), False
-        return np.require(arr, requirements=["C", "W"]), True  # torch wants writable
+        ok = arr is not None
+        if not ok:
+            arr = self.transform.blank()
+        if self.as_inputs:
+            return self.transform.inputs(arr), ok
+        return np.require(arr, requirements=["C", "W"]), ok  # torch wants writable
 
 
-def _decoded(listing: SplitListing, transform: D.ImageTransform, batch_size: int,
-             num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches (uint8 [b, H, W, 3], ok [b]); one image per batch when the model's input
-    size depends on the image (shortest-edge resize without a crop)."""
-    bs = batch_size if transform.output_size is not None else 1
-    yield from torch.utils.data.DataLoader(_Decode(listing, transform), batch_size=bs,
-                                           num_workers=num_workers)
+def _decoded(listing: SplitListing, transform: D.Transform, batch_size: int,
+             num_workers: int, as_inputs: bool = False) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Batches (uint8 [b, H, W, 3], or with `as_inputs` the vision tower's inputs by name;
+    ok [b]); one image per batch when their shapes differ (shortest-edge resize without a
+    crop; NaFlex inputs are padded to one shape)."""
+    fixed = transform.output_size is not None or (as_inputs and isinstance(transform,
+                                                                           D.PatchTransform))
+    bs = batch_size if fixed else 1
+    yield from torch.utils.data.DataLoader(_Decode(listing, transform, as_inputs),
+                                           batch_size=bs, num_workers=num_workers)
 
 
 def _write_rows(tmp: Path, n: int, batches: Iterator[tuple[np.ndarray, np.ndarray]],
@@ -306,11 +314,15 @@ def _write_rows(tmp: Path, n: int, batches: Iterator[tuple[np.ndarray, np.ndarra
     return shape
 
 
-def ensure_image_cache(root: Path, listing: SplitListing, transform: D.ImageTransform,
+def ensure_image_cache(root: Path, listing: SplitListing, transform: D.Transform,
                        batch_size: int = 64, num_workers: int = 0,
                        remote: Location | None = None) -> ArrayStore:
     """The decode-once uint8 store of a split, built if absent (or copied from `remote`,
-    the bucket's counterpart of `root`)."""
+    the bucket's counterpart of `root`); images of one output size only: not SigLIP 2
+    NaFlex, whose resized images keep their aspect ratio."""
+    if transform.output_size is None:
+        raise ValueError("data.cache_images: the model's images have no fixed size "
+                         f"({type(transform).__name__}); set data.cache_images: false")
     key = image_key(transform, listing)
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -328,7 +340,7 @@ def ensure_image_cache(root: Path, listing: SplitListing, transform: D.ImageTran
 
 
 @torch.no_grad()
-def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.ImageTransform,
+def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.Transform,
                          enc: Any, checkpoint: dict[str, Any], precision: str,
                          device: torch.device, batch_size: int = 256,
                          num_workers: int = 0, remote: Location | None = None) -> ArrayStore:
@@ -342,10 +354,10 @@ def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.ImageTr
         was_training = enc.training
         enc.eval()
         try:
-            for u8, ok in _decoded(listing, transform, batch_size, num_workers):
-                pixels = transform.normalize(u8).to(device, non_blocking=True)
+            for inputs, ok in _decoded(listing, transform, batch_size, num_workers, True):
+                inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
                 with autocast():
-                    e = enc.encode_image(pixels)
+                    e = enc.encode_image(**inputs)
                 yield e.float().cpu().numpy(), ok.numpy()
         finally:
             enc.train(was_training)
@@ -390,7 +402,7 @@ class FeatureDataset(CachedDataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         used, row, bad = self._readable(index)
         return self._item(index, epoch, used,
-                          None if row is None else torch.from_numpy(row), bad)
+                          None if row is None else {"pixel_values": torch.from_numpy(row)}, bad)
 
     def __getitems__(self, keys: list[Any]) -> list[dict[str, Any]]:
         return [self[k] for k in keys]
@@ -421,14 +433,13 @@ class TrialInputs:
 
     `train`/`collate`: the training dataset and its collate; `wrap_val`: turns the val
     `ImageTextDataset` into its cached form (identity without an image cache);
-    `val_images`: with the feature cache, this rank's val (embeddings [n, d], labels [n],
-    skipped) on the device, for `Evaluator.images`; `kind`: "features", "images" or
-    "none"."""
+    `val_images`: with the feature cache, this rank's val embeddings on the device, for
+    `Evaluator.images`; `kind`: "features", "images" or "none"."""
 
     train: D.ImageTextDataset
     collate: Any
     wrap_val: Callable[[D.ImageTextDataset], D.ImageTextDataset] = lambda ds: ds
-    val_images: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    val_images: ValImages | None = None
     kind: str = "none"
     stores: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -438,7 +449,7 @@ def uses_feature_cache(cfg: Any) -> bool:
                 and getattr(cfg.data, "augment", "none") == "none")
 
 
-def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.ImageTransform,
+def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Transform,
                  collate: Any, precision: str, agree: Agreement | None = None,
                  num_workers: int = 0) -> TrialInputs:
     """The trial's datasets, reading the stores the trial's config asks for (built here if
@@ -485,7 +496,8 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Ima
         ok = stores["val"].ok[rows]
         emb = torch.from_numpy(np.asarray(stores["val"].array[rows[ok]], dtype=np.float32))
         labels = torch.tensor([td.val_samples[i].label for i in mine[ok]], dtype=torch.long)
-        val = (emb.to(ctx.device), labels.to(ctx.device), int((~ok).sum()))
+        val = ValImages(emb.to(ctx.device), labels.to(ctx.device),
+                        torch.from_numpy(mine[ok]).to(ctx.device), int((~ok).sum()))
         out = TrialInputs(FeatureDataset(td.train, stores["train"], train_rows),
                           EmbedsCollate(collate), val_images=val, kind="features")
     else:
@@ -574,7 +586,7 @@ def run_job(job: CacheJob) -> dict[str, Any]:
     root = Path(job.root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_pretrained(job.model_path, model_spec.trust_remote_code)
-    transform = D.ImageTransform.from_processor(processor.image_processor)
+    transform = D.image_transform(processor.image_processor, model_spec.max_num_patches)
     nw = D.loader_workers(data_spec.num_workers, 1.0)  # the task's one CPU
     if job.kind == "features":
         precision = resolve_precision(job.precision, device)

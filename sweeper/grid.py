@@ -49,6 +49,17 @@ def trial_id_for(point: dict[str, Any]) -> str:
     return name
 
 
+def setting_values(spec: Any, path: str) -> list[tuple[str, Any]]:
+    """(key, value) of every value the sweep gives the dotted setting `path` (a `data.*` or
+    `eval.*` key, which variants cannot override): the grid axis's values when the grid
+    sweeps it, else the spec's one value."""
+    extra = spec.grid.model_extra or {}
+    if path in extra:
+        return [(f"grid.{path}[{i}]", v) for i, v in enumerate(extra[path])]
+    section, key = path.split(".", 1)
+    return [(path, getattr(getattr(spec, section), key))]
+
+
 def grid_points(spec: Any) -> list[dict[str, Any]]:
     """Cartesian product of the axes, in Tune's grid_search order."""
     axes = grid_axes(spec)

@@ -3,13 +3,16 @@
 `load_pretrained(path)` loads a checkpoint directory through `AutoModel.from_pretrained` /
 `AutoProcessor.from_pretrained`. `sweeper.prepare` resolves `model.pretrained` to such a
 directory once, before trials launch: the presets are built here (`build_tiny`,
-`build_tiny_clip`) and pretrained once on synthetic data by `sweeper.pretrain`, cached by
-their config `model.tiny`: `tiny` is a small SigLIP, `tiny-clip` a CLIP of the same
-shape; both use a word-level tokenizer. Imports nothing else of sweeper.
+`build_tiny_clip`, `build_tiny_siglip2`) and pretrained once on synthetic data by
+`sweeper.pretrain`, cached by their config `model.tiny`: `tiny` is a small SigLIP,
+`tiny-clip` a CLIP of the same shape (both with a word-level tokenizer), `tiny-siglip2` a
+SigLIP 2 NaFlex with a Gemma-style BPE tokenizer. What differs between the families is in
+`sweeper.families`, the only other module of sweeper imported here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,14 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from sweeper.families import FAMILIES, IMAGE_KEYS, ModelError, family_of, prepare_tokenizer
+
+__all__ = ["ModelError"]  # defined with the families; raised by the loaders here
+
 SIGLIP_INIT_SCALE = math.log(10.0)
 SIGLIP_INIT_BIAS = -10.0
-# `model.pretrained` -> architecture of the offline presets.
-PRESETS = {"tiny": "siglip", "tiny-clip": "clip"}
-
-
-class ModelError(ValueError):
-    """A model that cannot be loaded (one line, naming `model.pretrained`)."""
+# `model.pretrained` -> architecture (model type) of the offline presets.
+PRESETS = {"tiny": "siglip", "tiny-clip": "clip", "tiny-siglip2": "siglip2"}
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0-4, as in Gemma
 
 
 def _word_tokenizer(vocab: list[str], max_length: int, bos: str | None, eos: str,
@@ -77,12 +81,17 @@ def build_tiny(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
                          pad_token_id=0, eos_token_id=2, bos_token_id=2, **_tower_sizes(tiny)),
         vision_config=dict(image_size=size, patch_size=tiny.patch_size, **_tower_sizes(tiny)),
     )
-    torch.manual_seed(tiny.seed)
-    model = SiglipModel(config)
+    return _sigmoid_init(SiglipModel, config, tiny.seed), processor
+
+
+def _sigmoid_init(model_class: Any, config: Any, seed: int) -> Any:
+    """A fresh `model_class(config)` (seeded) with the SigLIP paper's temperature and bias."""
+    torch.manual_seed(seed)
+    model = model_class(config)
     with torch.no_grad():
         model.logit_scale.fill_(SIGLIP_INIT_SCALE)
         model.logit_bias.fill_(SIGLIP_INIT_BIAS)
-    return model, processor
+    return model
 
 
 def build_tiny_clip(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
@@ -111,6 +120,53 @@ def build_tiny_clip(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
     )
     torch.manual_seed(tiny.seed)
     return CLIPModel(config), processor
+
+
+def gemma_style_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a small BPE laid out like Gemma's (specials `<pad>` = 0, `<eos>`,
+    `<bos>`, `<unk>`, `<mask>`; `▁` marks a space), trained so that each of `words`, with
+    or without a leading space, is one token: what `GemmaTokenizer` / `Siglip2Tokenizer`
+    take as `vocab` and `merges`."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    # Learn merges within words only (Gemma's tokenizer never splits its input).
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    trainer = trainers.BpeTrainer(vocab_size=50_000, special_tokens=list(GEMMA_SPECIALS),
+                                  show_progress=False)
+    tok.train_from_iterator([" ".join(words), *words], trainer)
+    model = json.loads(tok.to_str())["model"]
+    return model["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                            for m in model["merges"]]
+
+
+def build_tiny_siglip2(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
+    """A freshly initialised tiny SigLIP 2 NaFlex and its processor: a `Siglip2Model`, a
+    `Siglip2ImageProcessor` whose patch budget covers a square `image_size` image, and a
+    `Siglip2Tokenizer` (Gemma-style BPE, lower-casing) that appends end-of-sequence and pads
+    on the right. Temperature and bias at the paper's init, as `build_tiny`."""
+    from transformers import Siglip2Config, Siglip2Model, Siglip2Processor, Siglip2Tokenizer
+
+    words, merges = gemma_style_bpe(vocab)
+    tokenizer = Siglip2Tokenizer(vocab=words, merges=merges, add_bos_token=False,
+                                 add_eos_token=True, padding_side="right",
+                                 model_max_length=tiny.max_length)
+    n_patches = (tiny.image_size // tiny.patch_size) ** 2
+    image_processor = _pil_processor_class("Siglip2ImageProcessor")(
+        patch_size=tiny.patch_size, max_num_patches=n_patches)
+    processor = Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    config = Siglip2Config(
+        text_config=dict(vocab_size=len(words), max_position_embeddings=tiny.max_length,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2, **_tower_sizes(tiny)),
+        vision_config=dict(patch_size=tiny.patch_size, num_patches=n_patches,
+                           **_tower_sizes(tiny)),
+    )
+    return _sigmoid_init(Siglip2Model, config, tiny.seed), processor
+
+
+BUILDERS = {"siglip": build_tiny, "clip": build_tiny_clip, "siglip2": build_tiny_siglip2}
 
 
 def local_checkpoint(name: str) -> str:
@@ -145,23 +201,31 @@ def _hub_error(name: str, e: BaseException) -> ModelError:
                       f"({type(e).__name__})")
 
 
-def check_loadable(model_spec: Any) -> None:
+def check_loadable(model_spec: Any) -> Path | None:
     """Refuse, before any trial starts, a model that cannot be found (offline hub, typo):
-    a directory without config.json, or a hub id whose config cannot be had."""
+    a directory without config.json, or a hub id whose config cannot be had. Returns a
+    local folder holding the checkpoint's config and processor files (the directory, or
+    the hub snapshot those files were fetched into), None for a preset."""
     name = model_spec.pretrained
     if name in PRESETS:
-        return
+        return None
     path = local_checkpoint(name)
     if Path(path).is_dir():
-        return
+        return Path(path)
     from huggingface_hub import hf_hub_download
 
     try:
-        hf_hub_download(path, "config.json")
+        config = Path(hf_hub_download(path, "config.json"))
     except Exception as e:
         raise _hub_error(name, e) from None
+    for f in SMALL_FILES:  # what preflight reads besides config.json; absent ones are fine
+        with contextlib.suppress(Exception):
+            hf_hub_download(path, f)
+    return config.parent
 
 
+# The processor and tokenizer settings of a checkpoint, read before any weights are fetched.
+SMALL_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer_config.json")
 # What a checkpoint directory needs for `from_pretrained` of model and processor.
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
 
@@ -230,6 +294,10 @@ def load_pretrained(path: str | Path, trust_remote_code: bool = False) -> tuple[
         raise ModelError(f"model.pretrained: {path!r} loads a {type(ip).__name__} image "
                          f"processor although backend={IMAGE_BACKEND!r} was asked for; "
                          "training would preprocess differently from it")
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        prepare_tokenizer(tokenizer, family_of(model.config.model_type,
+                                               type(tokenizer).__name__))
     return model, processor
 
 
@@ -261,21 +329,39 @@ def _features(out: Any) -> torch.Tensor:
     return pooled if pooled is not None else out[0]
 
 
+def image_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The vision tower's inputs in a batch (`families.IMAGE_KEYS` that it holds)."""
+    return {k: batch[k] for k in IMAGE_KEYS if batch.get(k) is not None}
+
+
+def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """`DualEncoder.forward`'s keyword arguments from a batch (any family): the image
+    inputs, or the cached `image_embeds`, and the text's `input_ids`/`attention_mask`."""
+    out = {"pixel_values": None, **image_inputs(batch), "input_ids": batch["input_ids"]}
+    for k in ("attention_mask", "image_embeds"):
+        if batch.get(k) is not None:
+            out[k] = batch[k]
+    return out
+
+
 class DualEncoder(nn.Module):
-    """Both towers of a SigLIP/CLIP checkpoint behind one `forward`, so DDP sees every
-    parameter used in a step (calling the towers' methods directly would bypass DDP's
-    gradient hooks), with the temperature/bias the loss needs.
+    """Both towers of a two-tower checkpoint (`sweeper.families`) behind one `forward`, so
+    DDP sees every parameter used in a step (calling the towers' methods directly would
+    bypass DDP's gradient hooks), with the temperature/bias the loss needs.
 
     `forward` returns L2-normalised image and text embeddings `[b, d]`. A frozen vision
     tower (`freeze_vision`: LiT, SigLiT) has `requires_grad=False` (so it is neither in the
     optimizer nor in DDP's buckets) and runs in eval mode under `no_grad` (no activations
-    kept for it).
+    kept for it). The image inputs are whatever the family's processor makes (`pixel_values`,
+    and for SigLIP 2 NaFlex `pixel_attention_mask` and `spatial_shapes`), passed through by
+    name. The text tower gets the attention mask only where its family was trained with one.
 
-    The bias: the sigmoid loss trains the checkpoint's `logit_bias` (SigLIP). A checkpoint
-    without one (CLIP) trained with the sigmoid loss gets a new bias initialised at -10,
-    registered on the Hugging Face model itself, so the trial checkpoints, `save_pretrained`
-    and `load_pretrained` all carry it. The softmax loss ignores the bias: it stays frozen
-    (a SigLIP's is kept unchanged, a CLIP gets an unsaved placeholder for the metrics).
+    The bias: the sigmoid loss trains the checkpoint's `logit_bias` (SigLIP, SigLIP 2). A
+    checkpoint without one (CLIP) trained with the sigmoid loss gets a new bias initialised
+    at -10, registered on the Hugging Face model itself, so the trial checkpoints,
+    `save_pretrained` and `load_pretrained` all carry it. The softmax loss ignores the bias:
+    it stays frozen (a SigLIP's is kept unchanged, a CLIP gets an unsaved placeholder for
+    the metrics).
     """
 
     def __init__(self, model: nn.Module, loss: str = "sigmoid",
@@ -284,6 +370,8 @@ class DualEncoder(nn.Module):
         self.model = model
         self.freeze_vision = freeze_vision
         self.loss = loss
+        family = FAMILIES.get(getattr(model.config, "model_type", ""))
+        self.text_mask = family.text_mask if family else True
         bias = getattr(model, "logit_bias", None)
         if bias is None:
             bias = nn.Parameter(torch.tensor([SIGLIP_INIT_BIAS]))
@@ -312,35 +400,41 @@ class DualEncoder(nn.Module):
                     child.eval()
         return self
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> torch.Tensor:
+        """[b, d] normalised image embeddings; `image_kwargs`: the other image inputs of the
+        batch (NaFlex: `pixel_attention_mask`, `spatial_shapes`)."""
+        kwargs = {"pixel_values": pixel_values, **image_kwargs}
         if self.freeze_vision:
             with torch.no_grad():
-                feats = _features(self.model.get_image_features(pixel_values=pixel_values))
+                feats = _features(self.model.get_image_features(**kwargs))
         else:
-            feats = _features(self.model.get_image_features(pixel_values=pixel_values))
+            feats = _features(self.model.get_image_features(**kwargs))
         return nn.functional.normalize(feats, dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         kwargs: dict[str, Any] = {"input_ids": input_ids}
-        # SigLIP was trained without an attention mask (it pools the last, padded token).
-        if attention_mask is not None and self.model.config.model_type != "siglip":
+        # SigLIP (1 and 2) was trained without an attention mask (it pools the last, padded
+        # token): giving it one would change what it pools.
+        if attention_mask is not None and self.text_mask:
             kwargs["attention_mask"] = attention_mask
         return nn.functional.normalize(_features(self.model.get_text_features(**kwargs)), dim=-1)
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
-                image_embeds: torch.Tensor | None = None
+                image_embeds: torch.Tensor | None = None, **image_kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image embeds, text embeds, logit_scale, logit_bias); the last two pass through
-        forward so DDP treats them like every other parameter of the step."""
-        img = image_embeds if image_embeds is not None else self.encode_image(pixel_values)
+        forward so DDP treats them like every other parameter of the step. `image_embeds`
+        (the frozen-tower cache) stands in for the image inputs."""
+        img = image_embeds if image_embeds is not None else \
+            self.encode_image(pixel_values, **image_kwargs)
         return img, self.encode_text(input_ids, attention_mask), self.logit_scale, self.logit_bias
 
 
 def text_max_length(model: Any, processor: Any, override: int | None = None) -> int:
     """Padding length of the text tower: the spec's, else the model's positions (64 for the
-    released SigLIP checkpoints), capped by the tokenizer's limit."""
+    released SigLIP and SigLIP 2 checkpoints), capped by the tokenizer's limit."""
     if override:
         return override
     n_pos = getattr(model.config.text_config, "max_position_embeddings", None) or 64

@@ -4,24 +4,30 @@ order a run checks it, shared by `--dry-run` and a real run.
 `load_spec` has already refused what the spec alone says is wrong (`sweeper.spec`); this
 adds what needs the machine, never Ray: the storage, the loggers' packages, resources (a
 local run: this machine's CPUs and GPUs; a cluster run is checked again after joining),
-the dataset's layout, the model's presence, and the experiment folder (a changed spec, a
-folder that is not ours). It reads and never writes (but for one probe object, deleted
-again, that proves a bucket takes our writes): a dry run leaves no trace, and a refused
-run loses nothing already written. Every refusal is one line naming the key or
+the dataset's layout, the model (present, of a supported two-tower family, with a processor
+that makes what it takes), and the experiment folder (a changed spec, a folder that is not
+ours). It reads and never writes (but for one probe object, deleted again, that proves a
+bucket takes our writes): a dry run leaves no trace, and a refused run loses nothing
+already written. Every refusal is one line naming the key or
 file (`SpecError`, `DataError`, `ModelError`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 from sweeper import data as D
 from sweeper.experiment import check_storage, plan_experiment
-from sweeper.models import check_loadable
+from sweeper.families import FAMILIES, Family, ModelError, family_of, supported
+from sweeper.grid import setting_values
+from sweeper.models import IMAGE_BACKEND, PRESETS, check_loadable
 from sweeper.resources import check_fits, local_nodes
-from sweeper.spec import SpecError, SweepSpec
-from sweeper.trials import sweep_models
+from sweeper.spec import ModelSpec, SpecError, SweepSpec
+from sweeper.trials import model_key, sweep_models, trial_configs
 
 # The package each logger of `loggers` needs, as Ray's callbacks import it.
 LOGGER_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
@@ -48,11 +54,112 @@ def check_data(spec: SweepSpec) -> None:
     the spec itself)."""
     if spec.data.synthetic is not None:
         return
-    train, _ = D.check_dataset(spec.data, spec.grid.n_train_classes, spec.grid.text_source)
+    train, val = D.check_dataset(spec.data, spec.grid.n_train_classes, spec.grid.text_source)
     for i, k in enumerate(spec.grid.n_train_classes):
         if k > len(train.wnids):
             raise SpecError(f"grid.n_train_classes[{i}]: {k} exceeds the dataset's "
                             f"{len(train.wnids)} classes")
+    if not any(s.captions for s in val.samples):
+        for key, v in setting_values(spec, "eval.retrieval"):
+            if v is True:
+                raise D.DataError(f"{key}: true, but no val image of "
+                                  f"{spec.data.root} has a caption")
+
+
+def _json(folder: Path, name: str) -> dict[str, Any]:
+    f = folder / name
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, ValueError):
+        raise ModelError(f"model.pretrained: {f} is not valid JSON") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def check_family(model: ModelSpec) -> Family:
+    """The checkpoint's family (`sweeper.families`), refusing one that is not a two-tower
+    image-text model sweeper supports (a vision-only ViT, a text-only BERT, a captioning
+    model), one whose processor cannot make what its model takes (a NaFlex model with a
+    fixed-size image processor and the reverse, images of another size than the model's,
+    no tokenizer), and `model.max_num_patches` on a model without a patch budget. Reads the
+    checkpoint's config and processor files, never its weights."""
+    name = model.pretrained
+    folder = check_loadable(model)
+    if folder is None:  # a preset: built here, of a known family
+        family = FAMILIES[PRESETS[name]]
+    else:
+        family = _checkpoint_family(name, folder, model.trust_remote_code)
+    if model.max_num_patches is not None and not family.naflex:
+        raise ModelError(f"model.max_num_patches: {name!r} is a {family.label} checkpoint, "
+                         "which takes fixed-size images; only SigLIP 2 NaFlex (siglip2) "
+                         "checkpoints take a patch budget")
+    return family
+
+
+def _checkpoint_family(name: str, folder: Path, trust_remote_code: bool) -> Family:
+    config = _json(folder, "config.json")
+    model_type = config.get("model_type")
+    arch = ", ".join(config.get("architectures") or []) or "no architectures listed"
+    tok_class = _json(folder, "tokenizer_config.json").get("tokenizer_class")
+    family = family_of(model_type, tok_class)
+    if family is None:
+        raise ModelError(f"model.pretrained: {name!r} is a {model_type!r} checkpoint ({arch}),"
+                         " not a two-tower image-text model sweeper supports; supported "
+                         f"model types: {supported()}")
+    from transformers import AutoImageProcessor
+
+    try:
+        ip = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code,
+                                                backend=IMAGE_BACKEND)  # as training loads it
+    except Exception as e:  # a missing or unreadable processor config, in many types
+        raise ModelError(f"model.pretrained: {name!r} has no usable image processor "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    what = f"model.pretrained: {name!r} is a {family.label} ({model_type}) checkpoint"
+    kind = type(ip).__name__
+    vision = config.get("vision_config") or {}
+    if family.naflex:
+        if not D.is_patch_processor(ip):
+            raise ModelError(f"{what}, whose image processor {kind} makes fixed-size images, "
+                             "not the patch sequences it takes (pixel_attention_mask, "
+                             "spatial_shapes: a Siglip2ImageProcessor)")
+        if vision.get("patch_size", ip.patch_size) != ip.patch_size:
+            raise ModelError(f"{what}, whose image processor cuts {ip.patch_size}-pixel patches "
+                             f"but its vision tower takes {vision['patch_size']}-pixel ones")
+    else:
+        if D.is_patch_processor(ip):
+            raise ModelError(f"{what}, whose image processor {kind} makes NaFlex patch "
+                             "sequences, not the fixed-size images it takes")
+        try:
+            size = D.ImageTransform.from_processor(ip).output_size
+        except ValueError as e:
+            raise ModelError(f"{what}, whose image processor {kind} is not supported: "
+                             f"{e}") from None
+        side = vision.get("image_size")
+        if size is not None and side is not None and size != (side, side):
+            raise ModelError(f"{what}, whose image processor makes {size[0]}x{size[1]} images "
+                             f"but its vision tower takes {side}x{side}")
+    if not any((folder / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
+        raise ModelError(f"{what} without a tokenizer (no tokenizer_config.json or "
+                         "tokenizer.json)")
+    return family
+
+
+def check_models(spec: SweepSpec) -> None:
+    """Every model the sweep starts from (`check_family`), and the settings its family
+    cannot take: a NaFlex image has no fixed size to cache decoded (`data.cache_images`)
+    and is a patch sequence, not an image to mirror (`data.augment: flip`)."""
+    families = {model_key(m): check_family(m) for m in sweep_models(spec)}
+    if not any(f.naflex for f in families.values()):
+        return
+    for t in trial_configs(spec):
+        if not families[model_key(t.model)].naflex:
+            continue
+        if t.data.cache_images:
+            raise SpecError(f"data.cache_images: trial {t.trial_id} fine-tunes a SigLIP 2 "
+                            "NaFlex model, whose images keep their aspect ratio (no one size "
+                            "to cache); set data.cache_images: false")
+        if t.data.augment == "flip":
+            raise SpecError(f"data.augment: flip is not supported for SigLIP 2 NaFlex (trial "
+                            f"{t.trial_id}: its images are patch sequences)")
 
 
 def preflight(spec: SweepSpec, address: str | None = None, *, new: bool = False,
@@ -66,6 +173,5 @@ def preflight(spec: SweepSpec, address: str | None = None, *, new: bool = False,
         check_fits(spec, local_nodes())
     spec = plan_experiment(spec, new, resume)
     check_data(spec)
-    for model in sweep_models(spec):
-        check_loadable(model)
+    check_models(spec)
     return spec

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from sweeper.grid import grid_axes, grid_points, trial_id_for
+from sweeper.grid import grid_axes, grid_points, setting_values, trial_id_for
 
 TextSource = Literal["templates", "captions", "mixed"]
 LossName = Literal["sigmoid", "softmax"]
@@ -99,6 +99,7 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
     tiny: TinyModelSpec = TinyModelSpec()
     max_length: Int | None = Field(None, ge=1)  # text padding length; default: model's own
+    max_num_patches: Int | None = Field(None, ge=1, le=65_536)  # NaFlex; default: processor's
 
 
 class BudgetSpec(_Strict):
@@ -154,10 +155,11 @@ class TrainSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    """When and how the zero-shot evaluation runs."""
+    """When and how the evaluation runs; `retrieval` on captioned val images: auto/true/false."""
 
     every_steps: Int | None = Field(None, ge=1)  # default: every epoch
     batch_size: Int = Field(256, ge=1)
+    retrieval: Literal["auto"] | bool = "auto"
 
 
 class CheckpointSpec(_Strict):
@@ -517,8 +519,12 @@ def _check_cross_fields(spec: SweepSpec) -> None:
                 )
     needs_captions = "captions" in g.text_source or "mixed" in g.text_source
     d = spec.data
-    if needs_captions and d.root is not None and d.captions is None and d.format != "parquet":
+    no_manifest = d.root is not None and d.captions is None and d.format != "parquet"
+    if needs_captions and no_manifest:
         raise SpecError("data.captions: text_source 'captions' needs a captions manifest")
+    retrieval = [k for k, v in setting_values(spec, "eval.retrieval") if v is True]
+    if no_manifest and retrieval:
+        raise SpecError(f"{retrieval[0]}: true needs captions of val images (data.captions)")
     for name, var in spec.variants.items():
         for section, model_cls, base in (
             ("model", ModelSpec, spec.model),
@@ -610,15 +616,10 @@ def _check_feature_cache(spec: SweepSpec) -> None:
     """A frozen tower's cached features are of the unaugmented images: a variant that
     freezes the vision tower with `data.cache_features` on cannot also augment."""
     frozen = [v for v in dict.fromkeys(spec.grid.variant) if spec.variants[v].freeze_vision]
-    extra = spec.grid.model_extra or {}
-    caches = extra.get("data.cache_features", [spec.data.cache_features])
+    caches = [v for _, v in setting_values(spec, "data.cache_features")]
     if not frozen or not any(caches):
         return
-    if "data.augment" in extra:
-        augs = [(f"grid.data.augment[{i}]", a) for i, a in enumerate(extra["data.augment"])]
-    else:
-        augs = [("data.augment", spec.data.augment)]
-    for key, aug in augs:
+    for key, aug in setting_values(spec, "data.augment"):
         if aug != "none":
             raise SpecError(
                 f"{key}: {aug!r} cannot be combined with data.cache_features on variant "

@@ -20,7 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from sweeper import data as D
+from sweeper.families import IMAGE_KEYS
 from sweeper.losses import sigmoid_loss, softmax_loss
+from sweeper.models import forward_inputs
 from sweeper.spec import TrialConfig
 
 
@@ -124,9 +126,10 @@ def make_loss_fn(cfg: TrialConfig, group: Any) -> Callable[..., torch.Tensor]:
 
 def _forward(model: nn.Module, batch: dict[str, Any], autocast: Any
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The batch's model inputs go to the model by name (`models.forward_inputs`: whatever
+    # the family's processor made, e.g. NaFlex's patch mask and shapes).
     with autocast():
-        return model(batch.get("pixel_values"), batch["input_ids"], batch.get("attention_mask"),
-                     batch.get("image_embeds"))
+        return model(**forward_inputs(batch))
 
 
 def _update(optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -156,7 +159,7 @@ def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.O
 
 
 # The batch entries a step reads, each [b, ...] (or None); the rest are loop bookkeeping.
-_STEP_KEYS = ("pixel_values", "input_ids", "attention_mask", "image_embeds", "labels")
+_STEP_KEYS = (*IMAGE_KEYS, "input_ids", "attention_mask", "image_embeds", "labels")
 
 
 def _micro_batches(batch: dict[str, Any], m: int) -> list[dict[str, Any]]:
@@ -245,7 +248,8 @@ def micro_batch_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.o
     for i, mb in enumerate(parts):
         last = i == len(parts) - 1
         if frozen_image:
-            mb = {**mb, "pixel_values": None, "image_embeds": imgs[i]}
+            mb = {**{k: v for k, v in mb.items() if k not in IMAGE_KEYS},
+                  "image_embeds": imgs[i]}
         # DDP decides at forward whether the backward all-reduces: both go inside no_sync.
         with contextlib.nullcontext() if last else no_sync():
             with rng[i].restored():

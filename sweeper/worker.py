@@ -25,7 +25,7 @@ from sweeper import data as D
 from sweeper import faults
 from sweeper.checkpoint import load_checkpoint, save_checkpoint, save_final_model
 from sweeper.collectives import Agreement
-from sweeper.evaluation import Evaluator, val_loader
+from sweeper.evaluation import Evaluator, retrieval_captions, val_loader
 from sweeper.models import (
     PRESETS,
     DualEncoder,
@@ -264,6 +264,9 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
       raw log-parameter; `logit_bias`: the sigmoid loss's bias as stored;
     - `val_top1`, `val_top5` over the eval classes; `val_top1_seen` / `val_top1_unseen`
       over the val images of classes trained on / not (None when there are none);
+      `val_mean_per_class_recall` (and `_seen`, `_unseen`): the mean of the per-class top-1;
+    - with retrieval on (`eval.retrieval`), `val_i2t_r1/5/10` and `val_t2i_r1/5/10` over the
+      val images that have captions (`evaluation.retrieval_metrics`);
     - `samples_per_s`: training throughput since the previous report, evaluation excluded;
       `time_s`: wall time since the trial started, carried over resumes;
       `skipped_images`: unreadable images skipped so far;
@@ -281,7 +284,7 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
     model, processor = load_pretrained(cfg.model_path, cfg.model.trust_remote_code)
     tokenizer = processor.tokenizer
     max_len = text_max_length(model, processor, cfg.model.max_length)
-    transform = D.ImageTransform.from_processor(processor.image_processor)
+    transform = D.image_transform(processor.image_processor, cfg.model.max_num_patches)
     td = D.build_trial_data(cfg.data, cfg.text_source, cfg.n_train_classes, cfg.seed,
                             transform, D.data_root(cfg.data, ctx.cache_dir))
     if cfg.train.gradient_checkpointing:
@@ -322,7 +325,8 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
                      ctx.local_world_size)
     evaluate = Evaluator(enc, val, td.val_names, td.eval_templates, td.seen, tokenizer,
                          max_len, device, autocast, cfg.eval.batch_size, ctx.world_size,
-                         ctx.group, images=inputs.val_images)
+                         ctx.group, images=inputs.val_images,
+                         captions=retrieval_captions(cfg.eval.retrieval, td.val_samples))
     seq = _Sequencer(cfg, ctx, enc, optimizer, scheduler, lr_factor, evaluate, sink,
                      td.val_wnids, n_steps, spe, global_batch_size(cfg, len(td.train)), t0,
                      agree=agree)

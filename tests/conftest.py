@@ -142,3 +142,40 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             else:
                 os.environ[k] = v
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def siglip2_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random SigLIP 2 checkpoints saved like the hub's (`save_pretrained` of model
+    and processor): `naflex` (`Siglip2Model`, `Siglip2Processor`: a Siglip2ImageProcessor
+    and a lower-casing `Siglip2Tokenizer`) and `fixres` (`SiglipModel` with a
+    `SiglipProcessor` whose tokenizer is a plain Gemma one that does not lower-case, padded
+    to max length, as the FixRes checkpoints ship it)."""
+    from transformers import GemmaTokenizer, SiglipImageProcessorPil, SiglipProcessor
+
+    from sweeper.models import build_tiny, build_tiny_siglip2, gemma_style_bpe
+    from sweeper.spec import TinyModelSpec
+    from sweeper.synthetic import vocabulary
+
+    tiny = TinyModelSpec(**TINY)
+    out = {}
+    model, processor = build_tiny_siglip2(tiny, vocabulary())
+    out["naflex"] = tmp_path_factory.mktemp("ckpt-naflex")
+    model.save_pretrained(out["naflex"])
+    processor.save_pretrained(out["naflex"])
+
+    model, _ = build_tiny(TinyModelSpec(**TINY, max_length=64), vocabulary())
+    words, merges = gemma_style_bpe(vocabulary())
+    tokenizer = GemmaTokenizer(vocab=words, merges=merges, add_bos_token=False,
+                               add_eos_token=True, padding_side="right", model_max_length=64)
+    size = tiny.image_size
+    processor = SiglipProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=tokenizer)
+    # The FixRes towers take Gemma's ids: its vocabulary replaces the word-level one.
+    model.resize_token_embeddings(len(words), mean_resizing=False)
+    model.config.text_config.update({"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2})
+    out["fixres"] = tmp_path_factory.mktemp("ckpt-fixres")
+    model.save_pretrained(out["fixres"])
+    processor.save_pretrained(out["fixres"])
+    return out

@@ -505,6 +505,45 @@ def test_extra_axis_single_seed_and_text_source(extra: tuple[Path, dict[str, Pat
     assert not list(paths["plots"].glob("val_top1_vs_batch_size*"))
 
 
+def _recalls(top1: float) -> dict[str, float]:
+    """Retrieval recalls and mean per-class recall a trial of final top-1 `top1` reports."""
+    out = {f"val_{d}_r{k}": round(top1 * k / 10 - (0.01 if d == "t2i" else 0), 6)
+           for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    return {**out, "val_mean_per_class_recall": top1 - 0.02,
+            "val_mean_per_class_recall_seen": top1 + 0.03,
+            "val_mean_per_class_recall_unseen": top1 - 0.07}
+
+
+def test_retrieval_and_mean_per_class_recall(tmp_path: Path,
+                                             extra: tuple[Path, dict[str, Path]]) -> None:
+    exp = Path(shutil.copytree(extra[0], tmp_path / "extra"))
+    for f in (exp / "trials").glob("*/history.jsonl"):
+        rows = [json.loads(x) for x in f.read_text().splitlines()]
+        f.write_text(_jsonl([{**r, **_recalls(r["val_top1"])} if r["val_top1"] is not None
+                              else r for r in rows]))
+    paths = write_report(exp)
+    trials = pq.read_table(paths["trials"]).to_pandas()
+    names = list(trials.columns)
+    assert names.index("val_mean_per_class_recall") == names.index("val_top1_unseen") + 1
+    for _, t in trials.iterrows():
+        assert t["val_t2i_r5"] == pytest.approx(_recalls(t["val_top1"])["val_t2i_r5"])
+    history = pq.read_table(paths["history"]).to_pandas()
+    assert history["val_i2t_r10"].notna().sum() == 3 * len(trials)  # step 0, 5, last
+    report = paths["report"].read_text()
+    rows = table_after(report, "## Image-text retrieval")
+    assert rows[0][-6:] == [f"{d} R@{k}" for d in ("image→text", "text→image") for k in (1, 5, 10)]
+    v = final_top1("siglip", "captions", 64, 10, 0, 3e-5)
+    row = next(r for r in rows if r[0] == "captions" and r[1] == "3e-05")
+    assert row[2].strip("*") == _cell([_recalls(v)["val_i2t_r1"]])
+    rows = table_after(report, "## Seen vs unseen classes")
+    assert rows[0][-3:] == ["seen, per class", "unseen, per class", "all, per class"]
+    row = next(r for r in rows if r[0] == "captions" and r[1] == "3e-05")
+    assert row[-1].strip("*") == _cell([_recalls(v)["val_mean_per_class_recall"]])
+    # Without the metrics (an older sweeper, no captions): no retrieval table, no columns.
+    old = extra[1]["report"].read_text()
+    assert "## Image-text retrieval" not in old and "per class" not in old.lower()
+
+
 # --------------------------------------------------------------------------- files
 
 

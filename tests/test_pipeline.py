@@ -100,7 +100,7 @@ def test_pretrained_tiny_beats_chance_zero_shot(tiny, cache_dir: Path) -> None:
                            D.Collate(processor.tokenizer, 16), 0)
     enc = DualEncoder(model).eval()
     null = contextlib.nullcontext
-    img, labels, _ = image_embeddings(enc, loader, torch.device("cpu"), null)
+    img, labels, _, _ = image_embeddings(enc, loader, torch.device("cpu"), null)
     cls = class_text_embeddings(enc, val.names, ["a photo of a {}."], processor.tokenizer, 16,
                                 torch.device("cpu"), null)
     top1 = zero_shot_metrics(img, labels, cls, [True] * len(val.names), 1)["val_top1"]

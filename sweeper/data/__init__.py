@@ -43,6 +43,7 @@ from sweeper.data.loading import (
     plan_loader,
     shm_free_bytes,
     steps_per_epoch,
+    tokenize,
     trim_batch,
 )
 from sweeper.data.manifests import (
@@ -53,7 +54,13 @@ from sweeper.data.manifests import (
     read_class_table,
 )
 from sweeper.data.selection import choose_train_classes, pick_text
-from sweeper.data.transform import ImageTransform
+from sweeper.data.transform import (
+    ImageTransform,
+    PatchTransform,
+    Transform,
+    image_transform,
+    is_patch_processor,
+)
 from sweeper.data.trial import TrialData, build_trial_data
 
 __all__ = [
@@ -67,7 +74,9 @@ __all__ = [
     "GlobalBatchSampler",
     "ImageTextDataset",
     "ImageTransform",
+    "PatchTransform",
     "Sample",
+    "Transform",
     "TrialData",
     "batch_nbytes",
     "build_trial_data",
@@ -75,6 +84,8 @@ __all__ = [
     "choose_train_classes",
     "data_root",
     "flip_mask",
+    "image_transform",
+    "is_patch_processor",
     "load_dataset",
     "load_folder_dataset",
     "load_parquet_dataset",
@@ -90,5 +101,6 @@ __all__ = [
     "scan_parquet_split",
     "shm_free_bytes",
     "steps_per_epoch",
+    "tokenize",
     "trim_batch",
 ]

@@ -22,7 +22,8 @@ from PIL import Image
 
 from sweeper.data.base import ROW_GROUP_CACHE, Sample, inside_root
 from sweeper.data.selection import pick_text
-from sweeper.data.transform import ImageTransform
+from sweeper.data.transform import ImageTransform, Transform
+from sweeper.families import IMAGE_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
     batch losses need equal shards); otherwise the item is only the count.
     """
 
-    def __init__(self, samples: Sequence[Sample], names: Sequence[str], transform: ImageTransform,
+    def __init__(self, samples: Sequence[Sample], names: Sequence[str], transform: Transform,
                  templates: Sequence[str], text_source: str, seed: int,
                  substitute_bad: bool = False, root: str | Path | None = None) -> None:
         self.samples = list(samples)
@@ -183,21 +184,22 @@ class ImageTextDataset(torch.utils.data.Dataset):
             bad += 1
         return index, None, bad
 
-    def _item(self, index: int, epoch: int, used: int, pixels: torch.Tensor | None,
-              bad: int) -> dict[str, Any]:
-        if pixels is None:
+    def _item(self, index: int, epoch: int, used: int,
+              image: dict[str, torch.Tensor] | None, bad: int) -> dict[str, Any]:
+        """One sample's item: its image inputs (`image`, keys of `IMAGE_KEYS`), label,
+        text and index; only the count of unreadable images when `image` is None."""
+        if image is None:
             return {"skipped": bad}
         s = self.samples[used]
         text = pick_text(s, self.names[s.label], self.templates, self.text_source, self.seed,
                          epoch, used)
-        return {"pixel_values": pixels, "label": s.label, "text": text, "index": used,
-                "skipped": bad}
+        return {**image, "label": s.label, "text": text, "index": used, "skipped": bad}
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         used, arr, bad = self._readable(index)
         return self._item(index, epoch, used, None if arr is None else
-                          self.transform.normalize(arr), bad)
+                          self.transform.inputs(arr), bad)
 
     def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> _Items:
         """A whole batch (what `Collate` takes): Parquet rows read grouped by row group,
@@ -217,8 +219,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
             used, arr, bad = self._readable(index)
             if arr is not None:
                 rows[i] = arr
-            items[i] = self._item(index, epoch, used, None if arr is None else items.uint8[i],
-                                  bad)
+            items[i] = self._item(index, epoch, used, None if arr is None else
+                                  {"pixel_values": items.uint8[i]}, bad)
         return items
 
 
@@ -228,7 +230,9 @@ class Collate:
 
     `pixel_values`: [b, 3, H, W] float, normalised; or, with `uint8` (set by `make_loader`,
     whose loader then normalises in the consuming process or on the GPU), the batch's
-    [b, H, W, 3] uint8 pixels, a quarter of the bytes to move between processes."""
+    [b, H, W, 3] uint8 pixels, a quarter of the bytes to move between processes. NaFlex
+    items (`PatchTransform`) stack into `pixel_values` [b, P, p*p*3] float with
+    `pixel_attention_mask` [b, P] and `spatial_shapes` [b, 2]."""
 
     tokenizer: Any
     max_length: int
@@ -250,11 +254,11 @@ class Collate:
                     pixels, out=_shared_empty((n, 3, h, w), torch.float32))
         else:
             pixels = torch.stack([it["pixel_values"] for it in good])
-        texts = [it["text"] for it in good]
-        tok = self.tokenizer(texts, padding="max_length", truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        extra = {k: torch.stack([it[k] for it in good]) for k in IMAGE_KEYS[1:] if k in good[0]}
+        tok = self.tokenize([it["text"] for it in good])
         return {
             "pixel_values": pixels,
+            **extra,
             "input_ids": tok["input_ids"],
             "attention_mask": tok.get("attention_mask"),
             "labels": torch.tensor([it["label"] for it in good], dtype=torch.long),
@@ -262,6 +266,17 @@ class Collate:
             "skipped": skipped,
             "size": len(good),
         }
+
+    def tokenize(self, texts: list[str]) -> Any:
+        return tokenize(self.tokenizer, texts, self.max_length)
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> Any:
+    """`texts` as the text tower takes them (`input_ids`, and `attention_mask` when the
+    tokenizer makes one, [n, max_length] tensors): padded to `max_length` (the released
+    SigLIP and SigLIP 2 towers were trained on max-length padding), truncated."""
+    return tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                     return_tensors="pt")
 
 
 def trim_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
@@ -371,6 +386,8 @@ class DeviceBatches:
             px = batch["pixel_values"] = self.transform.normalize(px, affine=self._affine)
         index = batch.get("index")
         if self.augment == "flip" and isinstance(px, torch.Tensor) and index is not None:
+            if px.dim() != 4:  # a NaFlex patch sequence is not an image to mirror
+                raise ValueError("data.augment: flip needs fixed-size images")
             epoch = getattr(self.sampler, "epoch", 0)
             if self._flips is None or self._flips[0] != epoch:
                 mask = flip_mask(self.seed, epoch, len(self.loader.dataset))

@@ -1,5 +1,6 @@
 """The model's own preprocessing: the Hugging Face image processor's geometry and
-normalisation as one cheap, picklable function."""
+normalisation as one cheap, picklable function, for fixed-size images (`ImageTransform`)
+and for SigLIP 2 NaFlex patch sequences (`PatchTransform`); `image_transform` picks one."""
 
 from __future__ import annotations
 
@@ -73,19 +74,10 @@ class ImageTransform:
         cs = getattr(ip, "crop_size", None)
         if getattr(ip, "do_center_crop", False) and cs:
             crop = (int(_size_get(cs, "height")), int(_size_get(cs, "width")))
-        resample = getattr(ip, "resample", None)
-        resample = Image.BICUBIC if resample is None else resample
-        rescale = float(getattr(ip, "rescale_factor", 1 / 255) or 1 / 255)
-        if not getattr(ip, "do_rescale", True):
-            rescale = 1.0
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        if getattr(ip, "do_normalize", True):
-            mean, std = _triple(ip.image_mean), _triple(ip.image_std)
         default = int(shortest or 224)
         return cls(int(h or default), int(w or default),
                    int(shortest) if shortest and not (h and w) else None, crop,
-                   int(resample), rescale, mean, std, do_resize,
-                   bool(getattr(ip, "do_convert_rgb", True)))
+                   **_pixel_settings(ip), do_resize=do_resize)
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -165,6 +157,132 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.normalize(self.resize_uint8(img))
+
+    def inputs(self, arr: np.ndarray) -> dict[str, torch.Tensor]:
+        """The vision tower's inputs of one image resized by `resize_uint8` (HWC uint8):
+        `pixel_values` [3, H, W]."""
+        return {"pixel_values": self.normalize(arr)}
+
+    def blank(self) -> np.ndarray:
+        """A black image whose `inputs` have the shape of every other image's (where the
+        shape is fixed), standing in for an unreadable one."""
+        h, w = self.output_size or (1, 1)
+        return np.zeros((h, w, 3), np.uint8)
+
+
+def _pixel_settings(ip: Any) -> dict[str, Any]:
+    """Resampling filter, rescale factor, mean/std and RGB conversion of an HF image
+    processor, as `ImageTransform` fields."""
+    resample = getattr(ip, "resample", None)
+    resample = Image.BICUBIC if resample is None else resample
+    rescale = float(getattr(ip, "rescale_factor", 1 / 255) or 1 / 255)
+    if not getattr(ip, "do_rescale", True):
+        rescale = 1.0
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if getattr(ip, "do_normalize", True):
+        mean, std = _triple(ip.image_mean), _triple(ip.image_std)
+    return {"resample": int(resample), "rescale": rescale, "mean": mean, "std": std,
+            "alpha_on_white": bool(getattr(ip, "do_convert_rgb", True))}
+
+
+def is_patch_processor(image_processor: Any) -> bool:
+    """Whether an HF image processor makes NaFlex patch sequences (SigLIP 2's
+    `Siglip2ImageProcessor`: a patch size and a patch budget) rather than fixed images."""
+    return bool(getattr(image_processor, "max_num_patches", None)
+                and getattr(image_processor, "patch_size", None))
+
+
+@dataclass(frozen=True)
+class PatchTransform:
+    """SigLIP 2 NaFlex preprocessing, as `Siglip2ImageProcessor` does it: resize keeping
+    the aspect ratio to the largest size of whole patches within `max_num_patches` (Hugging
+    Face's own `get_image_size_for_max_num_patches`), rescale and normalise, cut into
+    `patch_size` x `patch_size` patches (row-major, each flattened as (row, column,
+    channel)) and pad the sequence with zero patches to `max_num_patches`.
+
+    `pixels` holds the resampling filter and normalisation (an `ImageTransform` whose
+    geometry is unused), so both transforms normalise through the same code. Every output
+    has the same shape, [max_num_patches, patch_size**2 * 3], whatever the image's."""
+
+    pixels: ImageTransform
+    patch_size: int
+    max_num_patches: int
+
+    @classmethod
+    def from_processor(cls, image_processor: Any,
+                       max_num_patches: int | None = None) -> PatchTransform:
+        """The processor's settings; `max_num_patches` (the spec's) overrides its budget."""
+        ip = image_processor
+        if not getattr(ip, "do_resize", True):
+            raise ValueError("unsupported NaFlex image processor: do_resize is false (images "
+                             "must be resized to whole patches)")
+        pixels = ImageTransform(0, 0, None, None, **_pixel_settings(ip), do_resize=False)
+        return cls(pixels, int(ip.patch_size), int(max_num_patches or ip.max_num_patches))
+
+    @property
+    def output_size(self) -> None:
+        """None: the resized image's size depends on its aspect ratio."""
+        return None
+
+    def resize_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) of the resized image: whole patches, at most `max_num_patches`."""
+        from transformers.models.siglip2.image_processing_pil_siglip2 import (
+            get_image_size_for_max_num_patches,
+        )
+
+        th, tw = get_image_size_for_max_num_patches(h, w, self.patch_size, self.max_num_patches)
+        return tw, th
+
+    def resize_uint8(self, img: Image.Image) -> np.ndarray:
+        """Resize to whole patches within the budget, as HWC uint8."""
+        img = self.pixels.to_rgb(img)
+        size = self.resize_size(*img.size)
+        if size != img.size:
+            img = img.resize(size, self.pixels.resample)
+        return np.asarray(img)
+
+    def normalize(self, arr: np.ndarray | torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """HWC uint8 -> CHW float32, rescaled and normalised (`ImageTransform.normalize`)."""
+        return self.pixels.normalize(arr, out)
+
+    def inputs(self, arr: np.ndarray) -> dict[str, torch.Tensor]:
+        """The vision tower's inputs of one resized image: `pixel_values` [P, p*p*3],
+        `pixel_attention_mask` [P] (int32, 1 for the image's patches) and `spatial_shapes`
+        [2] (its height and width in patches), P = `max_num_patches`."""
+        from transformers.models.siglip2.image_processing_pil_siglip2 import (
+            convert_image_to_patches,
+            pad_along_first_dim,
+        )
+
+        chw = self.normalize(arr).numpy()
+        patches, mask = pad_along_first_dim(convert_image_to_patches(chw, self.patch_size),
+                                            self.max_num_patches)
+        p = self.patch_size
+        return {"pixel_values": torch.from_numpy(patches),
+                "pixel_attention_mask": torch.from_numpy(mask),
+                "spatial_shapes": torch.tensor([chw.shape[1] // p, chw.shape[2] // p])}
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        return self.inputs(self.resize_uint8(img))
+
+    def blank(self) -> np.ndarray:
+        """A black one-patch image (its inputs have the shape of every other image's)."""
+        return np.zeros((self.patch_size, self.patch_size, 3), np.uint8)
+
+
+Transform = ImageTransform | PatchTransform
+
+
+def image_transform(image_processor: Any, max_num_patches: int | None = None) -> Transform:
+    """The transform of a checkpoint's image processor: `PatchTransform` for a NaFlex
+    processor (with the spec's `model.max_num_patches`, if any), else `ImageTransform`."""
+    if is_patch_processor(image_processor):
+        return PatchTransform.from_processor(image_processor, max_num_patches)
+    if max_num_patches is not None:
+        raise ValueError(f"model.max_num_patches: {type(image_processor).__name__} makes "
+                         "fixed-size images, not patch sequences")
+    return ImageTransform.from_processor(image_processor)
 
 
 def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from sweeper.data.layouts import (
 from sweeper.data.loading import ImageTextDataset
 from sweeper.data.manifests import read_captions, read_class_names
 from sweeper.data.selection import choose_train_classes
-from sweeper.data.transform import ImageTransform
+from sweeper.data.transform import Transform
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class TrialData:
     train_classes: list[str]  # wnids
     train_class_names: list[str]
     eval_templates: list[str]
-    transform: ImageTransform
+    transform: Transform
     seen: list[bool] = field(default_factory=list)  # per val class: trained on?
     left_out_no_caption: int = 0
 
@@ -64,7 +64,7 @@ def _trial_splits(data_spec: Any, n_train_classes: int, seed: int, root: Path,
 
 
 def build_trial_data(data_spec: Any, text_source: str, n_train_classes: int, seed: int,
-                     transform: ImageTransform, root: str | Path | None = None) -> TrialData:
+                     transform: Transform, root: str | Path | None = None) -> TrialData:
     """Load and subset the data of one trial (the same on every rank)."""
     r, class_names, captions = resolved_inputs(data_spec, root)
     train, val, chosen = _trial_splits(data_spec, n_train_classes, seed, r, class_names,
