@@ -222,6 +222,7 @@ def micro_batch_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.o
     parts = _micro_batches(batch, micro_batch_size)
     if len(parts) == 1:  # nothing to split: the one-pass step, without the extra forward
         return train_step(model, batch, optimizer, scheduler, loss_fn, max_grad_norm, autocast)
+    optimizer.zero_grad(set_to_none=True)  # as in train_step: never alive beside activations
     enc = getattr(model, "module", model)  # the first pass needs no DDP (no gradients)
     frozen_image = bool(getattr(enc, "freeze_vision", False)) or "image_embeds" in parts[0]
     rng, imgs, txts = [], [], []
@@ -243,7 +244,6 @@ def micro_batch_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.o
     g_txt = grads[id(txt)].split(micro_batch_size)
     g_scale, g_bias = grads.get(id(leaves[2])), grads.get(id(leaves[3]))
 
-    optimizer.zero_grad(set_to_none=True)
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     for i, mb in enumerate(parts):
         last = i == len(parts) - 1
@@ -324,19 +324,20 @@ def configure_matmul(device: torch.device) -> bool:
     return True
 
 
-def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
-    """`model` in DistributedDataParallel when there are several processes, as the large
-    training codebases tune it: gradients are views into DDP's communication buckets
-    (`gradient_as_bucket_view`: no copy into and out of them, one gradient-sized buffer
-    less), and buffers are not broadcast before every forward (`broadcast_buffers=False`:
-    these models' only buffers are position ids, identical on every rank; a module with
-    running statistics keeps the broadcast)."""
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int,
+             group: Any = None) -> nn.Module:
+    """`model` in DistributedDataParallel over `group` (default: the world) when there are
+    several processes, as the large training codebases tune it: gradients are views into
+    DDP's communication buckets (`gradient_as_bucket_view`: no copy into and out of them,
+    one gradient-sized buffer less), and buffers are not broadcast before every forward
+    (`broadcast_buffers=False`: these models' only buffers are position ids, identical on
+    every rank; a module with running statistics keeps the broadcast)."""
     if world_size <= 1:
         return model
     stateful = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True, broadcast_buffers=stateful)
+        process_group=group, gradient_as_bucket_view=True, broadcast_buffers=stateful)
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:

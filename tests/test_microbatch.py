@@ -34,6 +34,7 @@ from sweeper.training import (
     micro_batch_step,
     step_for,
     train_step,
+    wrap_ddp,
 )
 from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import TINY
@@ -99,9 +100,9 @@ def grads_after(step: Any, loss: str, frozen: bool, pairs: str, features: bool,
         enable_gradient_checkpointing(enc.model)
     model: torch.nn.Module = enc
     rank, world = 0, 1
-    if group is not None:
-        model = torch.nn.parallel.DistributedDataParallel(enc, process_group=group)
+    if group is not None:  # DDP as the worker sets it up (gradients as bucket views)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
+        model = wrap_ddp(enc, torch.device("cpu"), world, group)
     params = [p for p in enc.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)  # the step's own update leaves the weights
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
