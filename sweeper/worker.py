@@ -290,7 +290,7 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     enc = DualEncoder(model, cfg.loss, cfg.freeze_vision).to(device)
-    ddp = wrap_ddp(enc, device, ctx.world_size)
+    ddp = wrap_ddp(enc, device, ctx.world_size, ctx.group)
     agree = Agreement.create(ctx.world_size, ctx.group)
     tf32 = configure_matmul(device)
     # Fused AdamW: one kernel over every parameter instead of ~10 small ops per tensor (on
