@@ -260,8 +260,10 @@ def test_killed_driver_and_worker_resume_from_checkpoints(tmp_path: Path, cache_
     rc = again.wait(600)
     out = again.output()
     assert rc == 0, again.tail()
-    # Progress: Tune's trial table, and each worker's lines forwarded, no progress bars.
-    assert "Trial status:" in out
+    # Progress: Tune's legacy status table (at its cadence and at the end), the resumed trial's
+    # start line, each worker's lines forwarded, no progress bars.
+    assert "== Status ==" in out, out[-3000:]
+    assert re.search(r"trial slow-templates-bs16-k4-s0 started", out), out[-3000:]
     assert re.search(r"\(RayTrainWorker pid=\d+\).* \[slow-templates-bs16-k4-s0\] epoch \d+ "
                      rf"step \d+/{SLOW} loss \S+ \S+ samples/s ETA \d+s", out), out[-3000:]
     assert "Loading weights" not in out and "it/s]" not in out
