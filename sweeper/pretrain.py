@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from sweeper import data as D
 from sweeper import synthetic
@@ -116,8 +117,15 @@ def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path,
         sampler.epoch = epoch
         for batch in loader:
             last = train_step(enc, batch, opt, sched, loss_fn, 1.0, contextlib.nullcontext).item()
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    # A tiny model is one shard: its "Writing model shards" bar would only add console noise.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     stats = {"final_loss": last, "steps": n_steps, "seconds": time.time() - t0}
     atomic_write_json(out_dir / "pretraining.json", {**stats, "config": tiny.model_dump()})
     log.info("pretrained tiny %s model in %.0fs (%d steps, loss %.4f)", arch,

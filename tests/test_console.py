@@ -6,6 +6,7 @@ import logging
 import sys
 import types
 import warnings
+from pathlib import Path
 
 from sweeper import console
 
@@ -62,3 +63,22 @@ def test_unraisable_system_exit_is_dropped_others_reach_the_hook() -> None:
     assert got == [other]
     console.quiet_process()
     assert getattr(sys.unraisablehook, "sweeper_quiet", False)
+
+
+def test_pretraining_the_tiny_model_shows_no_progress_bar(tmp_path, capfd) -> None:
+    """Saving the tiny preset prints no "Writing model shards" bar, and the bar setting of
+    the process is left as it was."""
+    from transformers.utils import logging as hf_logging
+
+    from sweeper.prepare import resolve_checkpoint
+    from sweeper.spec import ModelSpec, TinyModelSpec
+    from tests.conftest import TINY
+
+    hf_logging.enable_progress_bar()
+    tiny = TinyModelSpec(**{**TINY, "pretrain_epochs": 1, "pretrain_per_class": 2})
+    path = resolve_checkpoint(ModelSpec(pretrained="tiny", tiny=tiny), str(tmp_path))
+    out = capfd.readouterr()
+    assert (Path(path) / "config.json").is_file()
+    assert "Writing model shards" not in out.out + out.err
+    assert "it/s" not in out.out + out.err
+    assert hf_logging.is_progress_bar_enabled()
