@@ -19,6 +19,11 @@ Figures (medians over trials):
   start -> `run_trial`: TorchTrainer, controller and worker actors, process group, worker
   imports) and `trial_worker_setup_s` (`run_trial` -> first step: model and data loading,
   caches, the step-0 zero-shot evaluation, its checkpoint and report).
+* `trial_end_wait_s`: the trial's last report -> its status written final (the worker's
+  end, Train's poll, the trial driver's end).
+* `slot_overhead_s`: `(wall x concurrency - training) / trials`, what each trial slot
+  spends on anything but training, Ray's start and the report included;
+  `slot_overhead_tuner_s` the same over the trials' span.
 * `sweep_efficiency`: sum of the trials' training time / (command wall time x
   concurrency); `sweep_efficiency_tuner` uses the span from the first trial start to the
   last trial end instead of the command's wall time (no Ray start-up, no report).
@@ -78,7 +83,7 @@ def trial_times(tdir: Path) -> dict[str, float] | None:
         prev = row.get("samples_seen", prev)
     end = (tdir / "status.json").stat().st_mtime
     return {"start": start, "t0": t0, "first_step": first or t0, "end": end,
-            "train_s": train}
+            "last_report": (tdir / "history.jsonl").stat().st_mtime, "train_s": train}
 
 
 def run_config(name: str, env_extra: dict[str, str], overrides: list[str],
@@ -110,6 +115,10 @@ def run_config(name: str, env_extra: dict[str, str], overrides: list[str],
         "trial_ray_start_s": med([t["t0"] - t["start"] for t in trials]),
         "trial_worker_setup_s": med([t["first_step"] - t["t0"] for t in trials]),
         "trial_train_s": med([t["train_s"] for t in trials]),
+        "trial_end_wait_s": med([t["end"] - t["last_report"] for t in trials]),
+        # The issue's figure: what each of the `conc` slots spends on anything but training.
+        "slot_overhead_s": (wall * conc - train) / len(trials),
+        "slot_overhead_tuner_s": (span * conc - train) / len(trials),
         "sweep_efficiency": train / (wall * conc),
         "sweep_efficiency_tuner": train / (span * conc),
     }
@@ -144,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     first = results[next(iter(results))]
     common.emit("trial_overhead_s", first["trial_overhead_s"])
     common.emit("sweep_efficiency", first["sweep_efficiency"])
+    common.emit("slot_overhead_s", first["slot_overhead_s"])
     for faster in ("sweeper", "fastpoll"):
         if faster in results and "default" in results:
             common.emit(f"{faster}_saves_s_per_trial",
