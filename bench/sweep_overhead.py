@@ -30,9 +30,13 @@ Figures (medians over trials):
 
 Configurations (each prefixes its figures): `default` (Ray Train's controller polls its
 workers every 2 s: results, and a finished worker group, are seen up to 2 s late), `sweeper`
-(0.5 s, what a sweep sets unless the environment says otherwise) and `fastpoll` (0.1 s),
-through `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`; `*_wall_ratio` is a sweep's wall time over
-`default`'s, in the same command.
+(0.5 s, what a sweep sets unless the environment says otherwise; a finished trial's Tune
+actor runs the next trial), `fresh_actors` (the same with a new Tune actor per trial,
+`tune.reuse_actors=false`) and `fastpoll` (0.1 s), through
+`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`; `*_wall_ratio` is a sweep's wall time over `default`'s
+(`reuse_actors_wall_ratio`: `sweeper` over `fresh_actors`), in the same command. The stores
+the trials read (`<storage>/.cache`) are built once beforehand (`stores_build_s`) and shared
+by every configuration's experiment, as a second run of the quickstart finds them.
 `worker_import_s` is what a fresh worker process spends importing torch, transformers and
 Ray Train (paid by every trial: Ray Train starts new worker processes per run).
 
@@ -56,11 +60,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-# `default` is Ray Train's own 2 s poll; `sweeper` what a sweep gets unless the environment
-# says otherwise (0.5 s, sweeper.orchestration.WORKER_ENV); `fastpoll` 0.1 s.
-CONFIGS = {"default": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"},
-           "sweeper": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
-           "fastpoll": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}}
+# (environment, --set overrides) of each configuration. `default` is Ray Train's own 2 s
+# poll; `sweeper` what a sweep gets unless told otherwise (0.5 s, sweeper.orchestration
+# .WORKER_ENV; the Tune actor of a finished trial reused); `fresh_actors` the same with a new
+# Tune actor (process) for every trial, as before; `fastpoll` 0.1 s.
+CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
+    "default": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}, []),
+    "sweeper": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}, []),
+    "fresh_actors": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
+                     ["tune.reuse_actors=false"]),
+    "fastpoll": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}, []),
+}
 
 
 def trial_times(tdir: Path) -> dict[str, float] | None:
@@ -86,8 +96,9 @@ def trial_times(tdir: Path) -> dict[str, float] | None:
             "last_report": (tdir / "history.jsonl").stat().st_mtime, "train_s": train}
 
 
-def run_config(name: str, env_extra: dict[str, str], overrides: list[str],
-               storage: Path) -> dict[str, float]:
+def run_config(name: str, overrides: list[str], storage: Path) -> dict[str, float]:
+    env_extra, extra = CONFIGS[name]
+    overrides = overrides + extra
     env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "sweeper.run", str(common.ROOT / "search_spaces" /
                                                     "quickstart.yaml"),
@@ -133,27 +144,43 @@ def import_seconds() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def warm_caches(overrides: list[str], storage: Path) -> float:
+    """Warm what a second run of the quickstart finds built, in this process: the tiny model,
+    the synthetic dataset, and the stores the trials read (`<storage>/.cache`, shared by the
+    experiments of every configuration). Returns the seconds the stores took to build."""
+    from sweeper import cache as C
+    from sweeper.prepare import prepare_inputs
+    from sweeper.spec import load_spec
+
+    spec = load_spec(common.ROOT / "search_spaces" / "quickstart.yaml",
+                     [*overrides, f"storage={storage}"])
+    model_paths = prepare_inputs(spec, None)
+    t = time.perf_counter()
+    for job in C.cache_jobs(spec, storage, model_paths):
+        C.run_job(job)
+    return time.perf_counter() - t
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4 trials instead of 8")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     args = ap.parse_args(argv)
     overrides = ["grid.text_source=[templates]"] if args.quick else []
-    # Warm the cache the sweep uses (the tiny model and the data), as a second run would be.
-    from sweeper.prepare import prepare_inputs
-    from sweeper.spec import load_spec
-
-    prepare_inputs(load_spec(common.ROOT / "search_spaces" / "quickstart.yaml"), None)
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    common.emit("stores_build_s", warm_caches(overrides, work))
     results: dict[str, dict[str, Any]] = {}
     for name in args.configs.split(","):
-        results[name] = run_config(name, CONFIGS[name], overrides, work)
+        results[name] = run_config(name, overrides, work)
         for k, v in results[name].items():
             common.emit(f"{name}_{k}", v)
     first = results[next(iter(results))]
     common.emit("trial_overhead_s", first["trial_overhead_s"])
     common.emit("sweep_efficiency", first["sweep_efficiency"])
     common.emit("slot_overhead_s", first["slot_overhead_s"])
+    if "fresh_actors" in results and "sweeper" in results:
+        common.emit("reuse_actors_wall_ratio",
+                    results["sweeper"]["wall_s"] / results["fresh_actors"]["wall_s"])
     for faster in ("sweeper", "fastpoll"):
         if faster in results and "default" in results:
             common.emit(f"{faster}_saves_s_per_trial",

@@ -36,6 +36,7 @@ RESOURCE_KEYS = (
     "scaling.max_failures",
     "scaling.worker_start_timeout_s",
     "checkpoint.upload",
+    "tune.reuse_actors",
 )
 
 

@@ -220,8 +220,6 @@ def trial_driver(config: dict[str, Any], *, spec_json: str,
     files under the Ray session and off the console."""
     import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     spec = SweepSpec.model_validate_json(spec_json)
     point = {k: config[k] for k in grid_axes(spec)}
@@ -243,8 +241,8 @@ def trial_driver(config: dict[str, Any], *, spec_json: str,
     sc = cfg.scaling
     # Bounded start: Ray Train would otherwise wait for workers forever.
     os.environ[START_TIMEOUT_ENV] = f"{sc.worker_start_timeout_s:g}"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
+    trainer = ray_compat.lean_torch_trainer(
+        train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"trial": cfg.model_dump(mode="json"), "trial_dir": str(tdir),
                            "trial_location": tdir if tdir.remote else None,
                            "cache_dir": cache_dir},
@@ -260,7 +258,7 @@ def trial_driver(config: dict[str, Any], *, spec_json: str,
             # local); Train V2 restores the latest one from there on a restart or rerun.
             storage_path=(exp / "trials").fs_path,
             storage_filesystem=exp.fs,
-            callbacks=[TuneReportCallback()],
+            callbacks=[ray_compat.tune_report_callback()],
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose >= 2
                                                    else "WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -569,7 +567,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
             trial_name_creator=name_of,
             trial_dirname_creator=name_of,
             scheduler=_scheduler(spec),
-            reuse_actors=False,
+            # The next trial runs in the finished one's Tune actor, its imports and report
+            # queue kept. Not with early stopping: a trial ASHA stops would go on training
+            # in the cached actor until the actor is reused.
+            reuse_actors=spec.tune.reuse_actors and spec.tune.scheduler == "fifo",
         )
         # MLflow's file store needs a local folder: the node-local mirror of a bucket.
         callbacks = [sink_cb, *_logger_callbacks(spec, mirror_dir(exp, cache_dir))]

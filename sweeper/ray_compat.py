@@ -68,3 +68,54 @@ def set_restored_tuner_config(tuner: Any, tune_config: Any, callbacks: list[Any]
     inner._run_config.callbacks = callbacks
     inner._run_config.verbose = verbose
     inner._run_config.progress_reporter = progress_reporter
+
+
+def lean_torch_trainer(**kwargs: Any) -> Any:
+    """A `TorchTrainer(**kwargs)` that starts no Ray Data actor when it is given no datasets.
+
+    Stands in for: a switch for Train V2's DatasetsCallback, which every run gets and which
+    starts a DatasetManager actor (a process of its own that imports Ray Data, ~2.5 s of
+    CPU on a small machine) before the workers' train context, datasets or not. A trainer
+    without datasets never asks it for a shard; with datasets nothing is changed."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return LeanTorchTrainer(**kwargs)
+
+
+# The report queue of this process's last trial, kept for the next trial a reused Tune
+# actor runs (`tune_report_callback`).
+_REPORT_QUEUE: Any = None
+
+
+def tune_report_callback() -> Any:
+    """Ray's `TuneReportCallback` for this Tune trial, on the report queue of the previous
+    trial this process ran when that queue is empty.
+
+    Stands in for: a queue that outlives one trial. The callback sends rank 0's reports from
+    Train's controller to the Tune trial through a Ray queue actor (a process) that the
+    trial's session creates and forgets at every trial; with `reuse_actors` the same
+    process runs many trials, and one queue serves all of them. A queue still holding an
+    item (a trial that ended without Tune reading its last report) is not reused."""
+    global _REPORT_QUEUE
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    session = tune_session()
+    queue = _REPORT_QUEUE
+    if session is not None and queue is not None and \
+            getattr(session, "_inter_actor_queue", "missing") is None:
+        try:
+            if queue.empty():
+                session._inter_actor_queue = queue
+        except Exception:  # its actor is gone: the callback makes a new one
+            pass
+    callback = TuneReportCallback()
+    _REPORT_QUEUE = getattr(session, "_inter_actor_queue", None)
+    return callback

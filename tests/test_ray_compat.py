@@ -76,3 +76,70 @@ def test_tune_session_and_restored_tuner_config(tmp_path: Path) -> None:
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out == {"session": True, "stop_event": True, "tune_config": True,
                    "max_concurrent": 3, "callbacks": True, "verbose": 0}
+
+
+_LEAN = r"""
+import json
+from ray.train import ScalingConfig
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from sweeper import ray_compat
+
+def loop(config):
+    pass
+
+def kinds(trainer):
+    return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+bare = ray_compat.lean_torch_trainer(train_loop_per_worker=loop,
+                                     scaling_config=ScalingConfig(num_workers=1))
+print(json.dumps({"bare": kinds(bare),
+                  "reference": kinds(type(bare).__mro__[1](
+                      train_loop_per_worker=loop, scaling_config=ScalingConfig(num_workers=1))),
+                  "is_torch_trainer": type(bare).__mro__[1].__name__}))
+"""
+
+
+def test_lean_torch_trainer_drops_only_the_datasets_callback() -> None:
+    r = subprocess.run([sys.executable, "-c", _LEAN], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300, env={**os.environ, "RAY_TRAIN_V2_ENABLED": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["is_torch_trainer"] == "TorchTrainer"
+    assert "DatasetsCallback" in out["reference"]
+    assert out["bare"] == [k for k in out["reference"] if k != "DatasetsCallback"]
+
+
+# Two trials one at a time with reuse_actors: the second runs in the first one's process and
+# gets its (empty) report queue; without reuse each trial has a process and queue of its own.
+_QUEUE = r"""
+import json, os, sys
+import ray
+from ray import tune
+from sweeper import ray_compat
+
+def trainable(config):
+    cb = ray_compat.tune_report_callback()
+    tune.report({"pid": os.getpid(),
+                 "queue": cb._training_actor_item_queue.actor._actor_id.hex()})
+
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+out = {}
+for reuse in (True, False):
+    tuner = tune.Tuner(trainable, param_space={"i": tune.grid_search([0, 1])},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=1,
+                                                   reuse_actors=reuse),
+                       run_config=tune.RunConfig(name=f"q{reuse}", storage_path=sys.argv[1],
+                                                 verbose=0))
+    rows = [r.metrics for r in tuner.fit()]
+    out[str(reuse)] = [len({r["pid"] for r in rows}), len({r["queue"] for r in rows})]
+print(json.dumps(out))
+ray.shutdown()
+"""
+
+
+def test_tune_report_callback_keeps_the_queue_of_a_reused_actor(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-c", _QUEUE, str(tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "RAY_TRAIN_V2_ENABLED": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"True": [1, 1], "False": [2, 2]}
