@@ -13,12 +13,22 @@ per trial:
 * training time: the sum over the reports of samples / samples_per_s (evaluation,
   checkpoints and reports excluded).
 
+Per sweep: `sweep_start_s` (command start -> first trial start: the CLI, Ray's start,
+preflight, Tune's set-up) and `sweep_end_s` (last trial end -> command exit: Tune's end,
+the results collected, the report and plots, Ray's shutdown).
+
 Figures (medians over trials):
 
 * `trial_overhead_s`: trial start -> first step; split into `trial_ray_start_s` (trial
   start -> `run_trial`: TorchTrainer, controller and worker actors, process group, worker
   imports) and `trial_worker_setup_s` (`run_trial` -> first step: model and data loading,
-  caches, the step-0 zero-shot evaluation, its checkpoint and report).
+  caches, the step-0 zero-shot evaluation, its checkpoint and report). The Ray part is
+  split again with the timestamps of Train's controller log: `trial_controller_up_s`
+  (trial start -> the controller's first line: the Tune actor's function, the
+  TorchTrainer, the controller's process and imports), `trial_workers_up_s` (-> worker
+  actors created: placement group, worker processes and their imports),
+  `trial_train_context_s` (-> train function launched: train context, process group) and
+  `trial_fn_start_s` (-> `run_trial`: the function unpickled, the worker's imports).
 * `trial_end_wait_s`: the trial's last report -> its status written final (the worker's
   end, Train's poll, the trial driver's end).
 * `slot_overhead_s`: `(wall x concurrency - training) / trials`, what each trial slot
@@ -28,12 +38,13 @@ Figures (medians over trials):
   concurrency); `sweep_efficiency_tuner` uses the span from the first trial start to the
   last trial end instead of the command's wall time (no Ray start-up, no report).
 
-Configurations (each prefixes its figures): `default` (Ray Train's controller polls its
-workers every 2 s: results, and a finished worker group, are seen up to 2 s late), `sweeper`
-(0.5 s, what a sweep sets unless the environment says otherwise), `reuse_actors` (the same
-with a finished trial's Tune actor running the next trial, `tune.reuse_actors=true`) and
-`fastpoll` (0.1 s), through `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`; `*_wall_ratio` is a sweep's
-wall time over `default`'s (`reuse_actors_wall_ratio`: over `sweeper`'s), in the same
+Configurations (each prefixes its figures): `sweeper` (what a sweep gets unless told
+otherwise: Train's controller polls its workers every 0.5 s, and a finished trial's Tune
+actor runs the next trial, `tune.reuse_actors`), `fresh_actors` (the same with a new Tune
+actor for every trial, `tune.reuse_actors=false`), `default` (Ray Train's own 2 s poll:
+results, and a finished worker group, are seen up to 2 s late) and `fastpoll` (0.1 s), the
+polls through `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`. `*_wall_ratio` is a sweep's wall time
+over `default`'s (`reuse_actors_wall_ratio`: `sweeper`'s over `fresh_actors`'), in the same
 command. The stores
 the trials read (`<storage>/.cache`) are built once beforehand (`stores_build_s`) and shared
 by every configuration's experiment, as a second run of the quickstart finds them.
@@ -60,20 +71,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-# (environment, --set overrides) of each configuration. `default` is Ray Train's own 2 s
-# poll; `sweeper` what a sweep gets unless told otherwise (0.5 s, sweeper.orchestration
-# .WORKER_ENV); `reuse_actors` the same with the Tune actor of a finished trial running the
-# next one (`tune.reuse_actors=true`); `fastpoll` 0.1 s.
+# (environment, --set overrides) of each configuration. `sweeper` is what a sweep gets
+# unless told otherwise (0.5 s polls, sweeper.orchestration.WORKER_ENV; Tune actors
+# reused); `fresh_actors` a new Tune actor per trial; `default` Ray Train's own 2 s poll;
+# `fastpoll` 0.1 s.
 CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
-    "default": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}, []),
     "sweeper": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}, []),
-    "reuse_actors": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
-                     ["tune.reuse_actors=true"]),
+    "fresh_actors": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
+                     ["tune.reuse_actors=false"]),
+    "default": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}, []),
     "fastpoll": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}, []),
 }
 
 
-def trial_times(tdir: Path) -> dict[str, float] | None:
+def trial_times(tdir: Path) -> dict[str, Any] | None:
     from sweeper.sink import read_json, read_jsonl
 
     hist = read_jsonl(tdir / "history.jsonl")
@@ -92,7 +103,7 @@ def trial_times(tdir: Path) -> dict[str, float] | None:
                 first = t0 + row["time_s"] - dt
         prev = row.get("samples_seen", prev)
     end = (tdir / "status.json").stat().st_mtime
-    return {"start": start, "t0": t0, "first_step": first or t0, "end": end,
+    return {"id": tdir.name, "start": start, "t0": t0, "first_step": first or t0, "end": end,
             "last_report": (tdir / "history.jsonl").stat().st_mtime, "train_s": train}
 
 
@@ -105,15 +116,16 @@ def run_config(name: str, overrides: list[str], storage: Path) -> dict[str, floa
            "--storage", str(storage), "--name", f"qs-{name}"]
     for o in overrides:
         cmd += ["--set", o]
-    t = time.perf_counter()
+    t, launched = time.perf_counter(), time.time()
     proc = subprocess.run(cmd, env=env, cwd=common.ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t
+    wall, exited = time.perf_counter() - t, time.time()
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise RuntimeError(f"{name}: sweep exited {proc.returncode}")
     trials = [trial_times(d) for d in sorted((storage / f"qs-{name}" / "trials").iterdir())
               if d.is_dir()]
     trials = [t for t in trials if t]
+    ray_split = controller_split(trials)
     conc = 2
     train = sum(t["train_s"] for t in trials)
     span = max(t["end"] for t in trials) - min(t["start"] for t in trials)
@@ -124,15 +136,57 @@ def run_config(name: str, overrides: list[str], storage: Path) -> dict[str, floa
         "train_s_total": train,
         "trial_overhead_s": med([t["first_step"] - t["start"] for t in trials]),
         "trial_ray_start_s": med([t["t0"] - t["start"] for t in trials]),
+        **ray_split,
         "trial_worker_setup_s": med([t["first_step"] - t["t0"] for t in trials]),
         "trial_train_s": med([t["train_s"] for t in trials]),
         "trial_end_wait_s": med([t["end"] - t["last_report"] for t in trials]),
+        "sweep_start_s": min(t["start"] for t in trials) - launched,
+        "sweep_end_s": exited - max(t["end"] for t in trials),
         # The issue's figure: what each of the `conc` slots spends on anything but training.
         "slot_overhead_s": (wall * conc - train) / len(trials),
         "slot_overhead_tuner_s": (span * conc - train) / len(trials),
         "sweep_efficiency": train / (wall * conc),
         "sweep_efficiency_tuner": train / (span * conc),
     }
+
+
+def controller_split(trials: list[dict[str, Any]]) -> dict[str, float]:
+    """Split `trial_ray_start_s` with the timestamps of Train's controller log of each trial
+    (in the latest Ray session's logs, the sweep's own): trial start -> the controller's
+    first line (the Tune actor's function, the TorchTrainer, the controller's process and
+    imports), -> its worker actors created (placement group, worker processes and
+    imports), -> the train function launched on them (train context, process group), ->
+    `run_trial` entered (the train function unpickled, the worker's imports). Medians;
+    empty when the logs are not found."""
+    import glob
+    import json
+
+    logs = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "session_latest" / "logs"
+    marks: dict[str, dict[str, float]] = {}
+    for f in glob.glob(str(logs / "train" / "ray-train-sys-controller-*.log")):
+        rows = [json.loads(line) for line in Path(f).read_text().splitlines()
+                if line.startswith("{")]
+        if not rows or "run_name" not in rows[0]:
+            continue
+        m = {"controller": rows[0]["timestamp_ns"] / 1e9}
+        for r in rows:
+            for key, text in (("workers", "worker actors created in"),
+                              ("launched", "Train function launched on workers in")):
+                if text in r.get("message", "") and key not in m:
+                    m[key] = r["timestamp_ns"] / 1e9
+        marks[rows[0]["run_name"]] = m
+    parts: dict[str, list[float]] = {k: [] for k in (
+        "trial_controller_up_s", "trial_workers_up_s", "trial_train_context_s",
+        "trial_fn_start_s")}
+    for t in trials:
+        m = marks.get(t["id"], {})
+        if len(m) < 3:
+            continue
+        parts["trial_controller_up_s"].append(m["controller"] - t["start"])
+        parts["trial_workers_up_s"].append(m["workers"] - m["controller"])
+        parts["trial_train_context_s"].append(m["launched"] - m["workers"])
+        parts["trial_fn_start_s"].append(t["t0"] - m["launched"])
+    return {k: statistics.median(v) for k, v in parts.items() if v}
 
 
 def import_seconds() -> float:
@@ -174,13 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = run_config(name, overrides, work)
         for k, v in results[name].items():
             common.emit(f"{name}_{k}", v)
-    first = results[next(iter(results))]
+    first = results.get("sweeper") or results[next(iter(results))]
     common.emit("trial_overhead_s", first["trial_overhead_s"])
     common.emit("sweep_efficiency", first["sweep_efficiency"])
     common.emit("slot_overhead_s", first["slot_overhead_s"])
-    if "reuse_actors" in results and "sweeper" in results:
+    if "fresh_actors" in results and "sweeper" in results:
         common.emit("reuse_actors_wall_ratio",
-                    results["reuse_actors"]["wall_s"] / results["sweeper"]["wall_s"])
+                    results["sweeper"]["wall_s"] / results["fresh_actors"]["wall_s"])
     for faster in ("sweeper", "fastpoll"):
         if faster in results and "default" in results:
             common.emit(f"{faster}_saves_s_per_trial",

@@ -16,7 +16,6 @@ from typing import Any
 
 from sweeper import data as D
 from sweeper.models import PRESETS, hub_snapshot, local_checkpoint
-from sweeper.pretrain import ensure_tiny
 from sweeper.spec import ModelSpec, SweepSpec, TrialConfig
 from sweeper.storage import Location, publish_dir, pull_dir
 from sweeper.synthetic import default_cache_dir
@@ -31,6 +30,10 @@ def resolve_checkpoint(model_spec: ModelSpec, cache_dir: str | Path | None = Non
     Hugging Face cache (downloaded if absent). Raises `ModelError` (one line)."""
     name = model_spec.pretrained
     if name in PRESETS:
+        # Imported here: it loads transformers, which Tune's trial actors (they import this
+        # module to publish and resolve models) never need.
+        from sweeper.pretrain import ensure_tiny
+
         return str(ensure_tiny(model_spec.tiny, cache_dir, arch=PRESETS[name]))
     path = local_checkpoint(name)
     return path if Path(path).is_dir() else hub_snapshot(path)
