@@ -567,10 +567,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
             trial_name_creator=name_of,
             trial_dirname_creator=name_of,
             scheduler=_scheduler(spec),
-            # The next trial runs in the finished one's Tune actor, its imports and report
-            # queue kept. Not with early stopping: a trial ASHA stops would go on training
-            # in the cached actor until the actor is reused.
-            reuse_actors=spec.tune.reuse_actors and spec.tune.scheduler == "fifo",
+            reuse_actors=reuses_actors(spec),
         )
         # MLflow's file store needs a local folder: the node-local mirror of a bucket.
         callbacks = [sink_cb, *_logger_callbacks(spec, mirror_dir(exp, cache_dir))]
@@ -628,6 +625,13 @@ def _install_interrupt_handlers(result: SweepResult) -> None:
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
+
+
+def reuses_actors(spec: SweepSpec) -> bool:
+    """Whether the next trial runs in a finished one's Tune actor (its imports and report
+    queue kept). Not with early stopping: a trial ASHA stops would go on training in the
+    cached actor until the actor is reused."""
+    return spec.tune.reuse_actors and spec.tune.scheduler == "fifo"
 
 
 def _scheduler(spec: SweepSpec) -> Any:

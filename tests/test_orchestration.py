@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from sweeper.experiment import prepare_experiment
-from sweeper.orchestration import describe_failure
+from sweeper.orchestration import describe_failure, reuses_actors
 from sweeper.preflight import preflight
 from sweeper.resources import DRIVER_CPU, check_fits, local_nodes, trials_at_once, worker_resources
 from sweeper.spec import ScalingSpec, SpecError, validate
@@ -75,6 +75,17 @@ def test_gpu_workers_fractional_and_strategies() -> None:
     # A custom resource no node has.
     assert trials_at_once(scaling(resources_per_worker={"CPU": 1, "tpu_v9": 1}),
                           [{"CPU": 8.0}]) == 0
+
+
+def test_tune_actors_are_reused_by_default_but_not_under_asha(tmp_path: Path) -> None:
+    def spec(**tune: object) -> object:
+        return validate({**base_doc(tmp_path), "tune": tune})
+
+    assert reuses_actors(spec())
+    assert not reuses_actors(spec(reuse_actors=False))
+    # A trial ASHA stops would go on training in a cached actor.
+    assert not reuses_actors(spec(scheduler="asha"))
+    assert not reuses_actors(spec(scheduler="asha", reuse_actors=True))
 
 
 def test_check_fits_message_names_demand_and_cluster(tmp_path: Path) -> None:
