@@ -30,8 +30,9 @@ def resolve_checkpoint(model_spec: ModelSpec, cache_dir: str | Path | None = Non
     Hugging Face cache (downloaded if absent). Raises `ModelError` (one line)."""
     name = model_spec.pretrained
     if name in PRESETS:
-        # Imported here: it loads transformers, which Tune's trial actors (they import this
-        # module to publish and resolve models) never need.
+        # Imported here: it loads transformers, which the processes that import this module
+        # through sweeper.orchestration (Tune's trial actors, Train's controllers, to
+        # unpickle the train function) never need.
         from sweeper.pretrain import ensure_tiny
 
         return str(ensure_tiny(model_spec.tiny, cache_dir, arch=PRESETS[name]))

@@ -17,7 +17,7 @@ from sweeper.experiment import prepare_experiment
 from sweeper.orchestration import describe_failure, reuses_actors
 from sweeper.preflight import preflight
 from sweeper.resources import DRIVER_CPU, check_fits, local_nodes, trials_at_once, worker_resources
-from sweeper.spec import ScalingSpec, SpecError, validate
+from sweeper.spec import ScalingSpec, SpecError, SweepSpec, validate
 from sweeper.storage import resolve
 from sweeper.trials import trial_configs
 from tests.conftest import base_doc
@@ -78,7 +78,7 @@ def test_gpu_workers_fractional_and_strategies() -> None:
 
 
 def test_tune_actors_are_reused_by_default_but_not_under_asha(tmp_path: Path) -> None:
-    def spec(**tune: object) -> object:
+    def spec(**tune: object) -> SweepSpec:
         return validate({**base_doc(tmp_path), "tune": tune})
 
     assert reuses_actors(spec())
