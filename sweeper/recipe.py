@@ -109,9 +109,8 @@ def setup_trial(cfg: TrialConfig, ctx: WorkerContext) -> TrialParts:
     inputs = C.trial_inputs(cfg, ctx, td, enc, transform, D.Collate(tokenizer, max_len),
                             precision, agree, nw)
     if cfg.train.compile:  # in place: parameter names (checkpoints) and DDP stay the same
-        for name, tower in enc.model.named_children():
-            if name == "text_model" or (name == "vision_model" and inputs.kind != "features"):
-                tower.compile()
+        for tower in ("text", "vision") if inputs.kind != "features" else ("text",):
+            enc.model.get_submodule(enc.family.tower(tower).root).compile()
     sampler = D.GlobalBatchSampler(len(td.train), cfg.batch_size, ctx.rank, ctx.world_size,
                                    cfg.seed)
     injected = faults.for_trial(cfg.trial_id)  # empty unless a fault-tolerance test asks
