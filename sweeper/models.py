@@ -272,6 +272,13 @@ class DualEncoder(nn.Module):
                              f"of {self.family.label} (sweeper.families)")
         return tower
 
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the model as trained (adapters included), each
+        weight counted once."""
+        params = {id(p): p for p in self.parameters()}.values()
+        return (sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params))
+
     def train(self, mode: bool = True) -> DualEncoder:
         super().train(mode)
         if self.freeze_vision:

@@ -35,6 +35,8 @@ from sweeper.grid import grid_axes, grid_points, setting_values, trial_id_for
 
 TextSource = Literal["templates", "captions", "mixed"]
 LossName = Literal["sigmoid", "softmax"]
+# The LoRA target presets every family defines (`families.Family.lora_presets`).
+LORA_PRESETS = ("attention", "all-linear")
 # Bounds that keep every answer of the CLI (a dry run, a refusal) to a few seconds.
 MAX_TRIALS = 10_000
 MAX_SPEC_BYTES = 1 << 20
@@ -229,13 +231,79 @@ class DataSpec(_Strict):
         return self
 
 
+class PeftSpec(_Strict):
+    """Parameter-efficient fine-tuning of a variant through Hugging Face peft: LoRA
+    adapters (rank `r`, scale `alpha / r`, `dropout` on their input) on the linear layers
+    `target_modules` of the towers `towers`; every other weight of the model is frozen
+    (the temperature and the sigmoid bias train as in full fine-tuning).
+    `target_modules`: a preset of the model's family (`attention`: the q, k, v and output
+    projections of every encoder block; `all-linear`: those and the MLP's two layers), or
+    module names matched as peft matches them (a full path, or its last components).
+    `towers`: default both, or the text tower alone when the vision tower is frozen."""
+
+    method: Literal["lora"] = "lora"
+    r: Int = Field(8, ge=1, le=4096)
+    alpha: Float = Field(16.0, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "attention"
+    towers: list[Literal["text", "vision"]] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str) and v not in LORA_PRESETS:
+            raise ValueError(f"{v[:60]!r} is not a preset ({', '.join(LORA_PRESETS)}); name "
+                             "other modules in a list")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give a preset (attention, all-linear) or at least one "
+                                 "module name")
+            for i, name in enumerate(v):
+                if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", name):
+                    raise ValueError(f"[{i}] {name[:60]!r} is not a module name (dotted "
+                                     "path of letters, digits and '_')")
+        return v
+
+    @field_validator("towers")
+    @classmethod
+    def _towers(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("name each tower once, at least one")
+        return v
+
+    def for_variant(self, freeze_vision: bool) -> PeftSpec:
+        """This spec with `towers` resolved: the text tower, and the vision tower unless
+        it is frozen."""
+        if self.towers is not None:
+            return self
+        return self.model_copy(update={"towers": ["text"] if freeze_vision
+                                       else ["text", "vision"]})
+
+
 class VariantSpec(_Strict):
-    """A named model variant: the loss, whether the vision tower is frozen, overrides."""
+    """A named model variant: the loss, whether the vision tower is frozen, overrides, and
+    optionally parameter-efficient fine-tuning (`peft`) instead of training every weight."""
 
     loss: LossName = "sigmoid"
     freeze_vision: bool = False
     model: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
+    peft: PeftSpec | None = None
+
+    @model_validator(mode="after")
+    def _adapted_towers(self) -> VariantSpec:
+        # sweeper always trains the text tower, and the vision tower exactly when it is not
+        # frozen (a frozen one runs without gradients, its features cached): a tower's
+        # adapters follow that.
+        towers = self.peft.for_variant(self.freeze_vision).towers if self.peft else None
+        if towers is not None and "text" not in towers:
+            raise ValueError("peft.towers: must include text (the text tower always trains)")
+        if towers is not None and ("vision" in towers) == self.freeze_vision:
+            raise ValueError("peft.towers: vision is frozen (freeze_vision: true) and takes no "
+                             "adapters" if self.freeze_vision else
+                             "peft.towers: without vision, the vision tower would not train; "
+                             "set freeze_vision: true for that (its features are then cached)")
+        return self
 
 
 class GridSpec(BaseModel):
@@ -352,6 +420,7 @@ class TrialConfig(_Strict):
     eval: EvalSpec
     checkpoint: CheckpointSpec
     scaling: ScalingSpec
+    peft: PeftSpec | None = None  # the variant's, `towers` resolved
 
 
 
@@ -631,13 +700,63 @@ def _check_feature_cache(spec: SweepSpec) -> None:
                 "unaugmented); set data.cache_features: false or data.augment: none")
 
 
+def variant_axis(variants: Any, key: str) -> tuple[str, list[str]] | None:
+    """(variant, key path inside it) of a grid axis `variants.<name>.<key...>` over the
+    defined `variants` (names may hold dots: the longest that fits wins), else None."""
+    rest = str(key).removeprefix("variants.")
+    if rest == key:
+        return None
+    fits = [v for v in variants if rest.startswith(f"{v}.") and len(rest) > len(v) + 1]
+    if not fits:
+        return None
+    name = max(fits, key=len)
+    return name, rest[len(name) + 1:].split(".")
+
+
+def _check_variant_axis(spec: SweepSpec, key: str, values: Any) -> None:
+    """A grid axis over a key of one variant (`variants.siglip-lora.peft.r`): it changes
+    that variant's trials only, so the grid must run that variant alone (beside another
+    one it would repeat the other's trials unchanged, once per value)."""
+    path = _loc_to_path(("grid", key))
+    found = variant_axis(spec.variants, key)
+    if found is None:
+        raise SpecError(f"{path}: names no key of a defined variant (defined: "
+                        f"{', '.join(sorted(spec.variants))})")
+    name, sub = found
+    if not isinstance(values, list) or not values:
+        raise SpecError(f"{path}: must be a non-empty list of values")
+    others = [v for v in dict.fromkeys(spec.grid.variant) if v != name]
+    if name not in spec.grid.variant:
+        raise SpecError(f"{path}: variant {name!r} is not in grid.variant")
+    if others:
+        raise SpecError(f"{path}: changes variant {name!r} only, but grid.variant also runs "
+                        f"{others[0]!r}, whose trials it would repeat unchanged once per "
+                        f"value; define one variant per value instead ({name}-a, {name}-b, "
+                        f"...) or sweep {name!r} alone")
+    for i, v in enumerate(values):
+        doc = spec.model_dump(exclude_unset=True)
+        doc["grid"] = {k: val for k, val in doc["grid"].items() if "." not in k}
+        apply_override(doc["variants"][name], sub, v)
+        try:
+            one = SweepSpec.model_validate(doc)
+            _check_micro_batches(one)
+            _check_feature_cache(one)
+        except ValidationError as e:
+            raise SpecError(f"{path}[{i}]: {_validation_error(e)}") from None
+        except SpecError as e:
+            raise SpecError(f"{path}[{i}]: {e}") from None
+
+
 def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:
     path = _loc_to_path(("grid", key))
     parts = str(key).split(".")
+    if parts[0] == "variants":
+        _check_variant_axis(spec, key, values)
+        return
     if len(parts) < 2 or parts[0] not in ("model", "train", "eval", "data", "checkpoint"):
         raise SpecError(
             f"{path}: unknown axis (use variant, text_source, batch_size, n_train_classes, "
-            "seed, or a dotted path such as train.lr)"
+            "seed, or a dotted path such as train.lr or variants.<name>.peft.r)"
         )
     if not isinstance(values, list) or not values:
         raise SpecError(f"{path}: must be a non-empty list of values")
