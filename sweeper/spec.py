@@ -23,7 +23,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -32,42 +31,26 @@ from pydantic import (
 )
 
 from sweeper.grid import grid_axes, grid_points, setting_values, trial_id_for
+from sweeper.spec_base import Float, Int, SpecError
+from sweeper.spec_base import Strict as _Strict
+from sweeper.variants import (  # re-exported: part of the spec tree
+    LORA_PRESETS,
+    LossName,
+    PeftSpec,
+    VariantSpec,
+    variant_axis,
+)
+
+__all__ = ["LORA_PRESETS", "Float", "Int", "PeftSpec", "SpecError", "VariantSpec",
+           "variant_axis"]
 
 TextSource = Literal["templates", "captions", "mixed"]
-LossName = Literal["sigmoid", "softmax"]
-# The LoRA target presets every family defines (`families.Family.lora_presets`).
-LORA_PRESETS = ("attention", "all-linear")
 # Bounds that keep every answer of the CLI (a dry run, a refusal) to a few seconds.
 MAX_TRIALS = 10_000
 MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_VALUES = 100_000  # scalars and containers after YAML aliases are expanded
 MAX_SPEC_DEPTH = 32
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-def _not_bool(v: Any) -> Any:
-    # YAML `yes`/`true` is a boolean, which Python (and pydantic's lax mode) would take as 1.
-    if isinstance(v, bool):
-        raise ValueError(f"expected a number, got the boolean {str(v).lower()}")
-    return v
-
-
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
-
-
-class SpecError(ValueError):
-    """A refused search space. `str(err)` is one line: `key.path: what is wrong`."""
-
-    def __init__(self, message: str) -> None:
-        # Keys and values come from user YAML and may hold newlines: keep the promise of
-        # one line whatever they contain.
-        super().__init__(" ".join(str(message).splitlines()))
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan: `.inf` and `.nan` are YAML floats, and no key of ours means them.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
 class TinyModelSpec(_Strict):
@@ -228,81 +211,6 @@ class DataSpec(_Strict):
     def _one_source(self) -> DataSpec:
         if (self.synthetic is None) == (self.root is None):
             raise ValueError("give exactly one of data.synthetic or data.root")
-        return self
-
-
-class PeftSpec(_Strict):
-    """Parameter-efficient fine-tuning of a variant through Hugging Face peft: LoRA
-    adapters (rank `r`, scale `alpha / r`, `dropout` on their input) on the linear layers
-    `target_modules` of the towers `towers`; every other weight of the model is frozen
-    (the temperature and the sigmoid bias train as in full fine-tuning).
-    `target_modules`: a preset of the model's family (`attention`: the q, k, v and output
-    projections of every encoder block; `all-linear`: those and the MLP's two layers), or
-    module names matched as peft matches them (a full path, or its last components).
-    `towers`: default both, or the text tower alone when the vision tower is frozen."""
-
-    method: Literal["lora"] = "lora"
-    r: Int = Field(8, ge=1, le=4096)
-    alpha: Float = Field(16.0, gt=0)
-    dropout: Float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = "attention"
-    towers: list[Literal["text", "vision"]] | None = None
-
-    @field_validator("target_modules")
-    @classmethod
-    def _names(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, str) and v not in LORA_PRESETS:
-            raise ValueError(f"{v[:60]!r} is not a preset ({', '.join(LORA_PRESETS)}); name "
-                             "other modules in a list")
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("give a preset (attention, all-linear) or at least one "
-                                 "module name")
-            for i, name in enumerate(v):
-                if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", name):
-                    raise ValueError(f"[{i}] {name[:60]!r} is not a module name (dotted "
-                                     "path of letters, digits and '_')")
-        return v
-
-    @field_validator("towers")
-    @classmethod
-    def _towers(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and (not v or len(set(v)) != len(v)):
-            raise ValueError("name each tower once, at least one")
-        return v
-
-    def for_variant(self, freeze_vision: bool) -> PeftSpec:
-        """This spec with `towers` resolved: the text tower, and the vision tower unless
-        it is frozen."""
-        if self.towers is not None:
-            return self
-        return self.model_copy(update={"towers": ["text"] if freeze_vision
-                                       else ["text", "vision"]})
-
-
-class VariantSpec(_Strict):
-    """A named model variant: the loss, whether the vision tower is frozen, overrides, and
-    optionally parameter-efficient fine-tuning (`peft`) instead of training every weight."""
-
-    loss: LossName = "sigmoid"
-    freeze_vision: bool = False
-    model: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict)
-    peft: PeftSpec | None = None
-
-    @model_validator(mode="after")
-    def _adapted_towers(self) -> VariantSpec:
-        # sweeper always trains the text tower, and the vision tower exactly when it is not
-        # frozen (a frozen one runs without gradients, its features cached): a tower's
-        # adapters follow that.
-        towers = self.peft.for_variant(self.freeze_vision).towers if self.peft else None
-        if towers is not None and "text" not in towers:
-            raise ValueError("peft.towers: must include text (the text tower always trains)")
-        if towers is not None and ("vision" in towers) == self.freeze_vision:
-            raise ValueError("peft.towers: vision is frozen (freeze_vision: true) and takes no "
-                             "adapters" if self.freeze_vision else
-                             "peft.towers: without vision, the vision tower would not train; "
-                             "set freeze_vision: true for that (its features are then cached)")
         return self
 
 
@@ -698,19 +606,6 @@ def _check_feature_cache(spec: SweepSpec) -> None:
                 f"{key}: {aug!r} cannot be combined with data.cache_features on variant "
                 f"{frozen[0]!r} (freeze_vision: its image features are computed once, "
                 "unaugmented); set data.cache_features: false or data.augment: none")
-
-
-def variant_axis(variants: Any, key: str) -> tuple[str, list[str]] | None:
-    """(variant, key path inside it) of a grid axis `variants.<name>.<key...>` over the
-    defined `variants` (names may hold dots: the longest that fits wins), else None."""
-    rest = str(key).removeprefix("variants.")
-    if rest == key:
-        return None
-    fits = [v for v in variants if rest.startswith(f"{v}.") and len(rest) > len(v) + 1]
-    if not fits:
-        return None
-    name = max(fits, key=len)
-    return name, rest[len(name) + 1:].split(".")
 
 
 def _check_variant_axis(spec: SweepSpec, key: str, values: Any) -> None:

@@ -59,8 +59,10 @@ from sweeper.training import (
 )
 from sweeper.trials import resolve_trial, trial_configs
 from sweeper.worker import WorkerContext, run_trial
-from tests.conftest import SYNTH, TINY, base_doc
+from tests.conftest import TINY, base_doc
+from tests.test_siglip2 import _dry_run
 from tests.test_training import run, untimed
+from tests.test_variants import assert_two_ranks_report_one
 
 pytest.importorskip("peft")
 
@@ -394,15 +396,7 @@ def test_two_workers_report_what_one_does(lora_trial: dict[str, Any], cache_dir:
                     for r in range(WORLD))
     one = lora_trial["reports"]
     assert [r["step"] for r in rank0] == [r["step"] for r in one] == [0, 2, 4, 6]
-    n_val = SYNTH["n_classes"] * SYNTH["val_per_class"]
-    for two, ref, other in zip(rank0, one, rank1, strict=True):
-        for key in ("train_loss", "logit_scale", "logit_bias"):
-            if ref[key] is None:
-                assert two[key] is None
-            else:
-                assert two[key] == pytest.approx(ref[key], rel=1e-4), key
-                assert other[key] == pytest.approx(two[key], rel=1e-6), key
-        assert abs(two["val_top1"] - ref["val_top1"]) <= 1 / n_val + 1e-9
+    assert_two_ranks_report_one(rank0, rank1, one)
 
 
 # --------------------------------------------------------------------------- the spec
@@ -453,16 +447,6 @@ def test_bad_peft_specs_are_refused(change: Any, message: str, tmp_path: Path) -
     with pytest.raises(SpecError) as e:
         validate(doc)
     assert str(e.value).startswith(message), str(e.value)
-
-
-def _dry_run(tmp_path: Path, capsys: pytest.CaptureFixture, doc: dict) -> str:
-    p = tmp_path / "spec.yaml"
-    p.write_text(yaml.safe_dump(doc))
-    assert main([str(p), "--dry-run"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert not (tmp_path / "results").exists()
-    return lines[0].removeprefix("error: ")
 
 
 def test_dry_run_refuses_peft_missing_and_a_bypassed_target(tmp_path: Path, capsys,
