@@ -179,14 +179,18 @@ def check_adapters(spec: SweepSpec, models: bool = True) -> None:
     read or allocated)."""
     from sweeper import adapters
 
+    axes = spec.grid.model_extra or {}
+    for v in dict.fromkeys(spec.grid.variant):
+        if spec.variants[v].peft is not None or any(
+                f"{k}.".startswith(f"variants.{v}.peft.") for k in axes):
+            adapters.require(f"variants.{v}.peft")
+    if not models:
+        return
     seen: set[str] = set()
     for t in trial_configs(spec):
-        if t.peft is None:
-            continue
         key = f"variants.{t.variant}.peft"
-        adapters.require(key)
-        job = json.dumps([model_key(t.model), t.peft.model_dump(mode="json"), key])
-        if not models or job in seen:
+        job = json.dumps([model_key(t.model), t.peft and t.peft.model_dump(mode="json"), key])
+        if t.peft is None or job in seen:
             continue
         seen.add(job)
         skeleton = _skeleton(t.model)
