@@ -24,8 +24,9 @@ from sweeper.spec import (
 
 def resolve_trial(spec: SweepSpec, point: dict[str, Any],
                   model_paths: dict[str, str] | None = None) -> TrialConfig:
-    """Apply a grid point (variant overrides, then dotted axes) to the spec; `model_paths`
-    ({model spec JSON: checkpoint directory}, from `sweeper.prepare`) gives `model_path`."""
+    """Apply a grid point (the variant with its own axes, its overrides, then the dotted
+    axes) to the spec; `model_paths` ({model spec JSON: checkpoint directory}, from
+    `sweeper.prepare`) gives `model_path`."""
     var = _variant(spec, point)
     model = spec.model.model_validate({**spec.model.model_dump(exclude_unset=True), **var.model})
     train = spec.train.model_validate({**spec.train.model_dump(exclude_unset=True), **var.train})

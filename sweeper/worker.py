@@ -246,6 +246,7 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
             sink.truncate_after(seq.st["step"])
     if sink:
         td = p.data
+        trainable, total = p.enc.param_counts()
         sink.update_status(
             status="running", started_at=_now(), train_classes=td.train_classes,
             train_class_names=td.train_class_names,
@@ -255,7 +256,7 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
             steps_per_epoch=p.steps_per_epoch, world_size=ctx.world_size,
             device=str(ctx.device), precision=p.precision, tf32=p.tf32,
             inputs=p.inputs.kind, loader_workers=p.loader_workers,
-            **dict(zip(("trainable_params", "total_params"), p.enc.param_counts(), strict=True)),
+            trainable_params=trainable, total_params=total,
             restarts=int(sink.status().get("restarts", -1)) + 1)
     p.enc.train()
     if not resumed:
