@@ -122,6 +122,10 @@ def test_family_entry_covers_its_model(arch: str) -> None:
         assert len(family.blocks(model, t)) == TINY["num_layers"]
     assert [n for n, _ in model.named_parameters() if family.tower_of(n) is None] == \
         [n for n in (family.scale_param, family.bias_param) if hasattr(model, n)]
+    # Full fine-tuning trains every weight (a softmax loss's bias aside), each counted once.
+    n = sum(p.numel() for p in {id(p): p for p in enc.parameters()}.values())
+    frozen_bias = enc.logit_bias.numel() if family.default_loss == "softmax" else 0
+    assert enc.param_counts() == (n - frozen_bias, n)
 
 
 # --------------------------------------------------------------------------- gradients
