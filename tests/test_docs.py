@@ -49,7 +49,7 @@ def test_no_tracked_file_refers_outside_the_repository() -> None:
 
 
 def test_the_outside_patterns_catch_what_they_should() -> None:
-    assert any(p.search("see ../" + "shared/reference/experiments.md") for p in OUTSIDE)
+    assert any(p.search("see ../" + "shared/" + "reference/experiments.md") for p in OUTSIDE)
     assert any(p.search("python3 /" + "work/tools/check.py") for p in OUTSIDE)
     assert not any(p.search("--storage /shared/sweeps") for p in OUTSIDE)  # a cluster mount
 
