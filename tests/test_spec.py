@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from sweeper.grid import grid_points
+from sweeper.search import grid_points
 from sweeper.run import main
 from sweeper.spec import SpecError, load_spec, validate
 from sweeper.trials import trial_configs
@@ -99,7 +99,7 @@ def test_grid_expansion_count_and_content(tmp_path: Path) -> None:
     from ray import tune
     from ray.tune.search.variant_generator import generate_variants
 
-    from sweeper.grid import grid_axes
+    from sweeper.search import grid_axes
 
     space = {k: tune.grid_search(v) for k, v in grid_axes(validate(doc)).items()}
     tune_order = [dict(cfg) for _, cfg in generate_variants(space)]
