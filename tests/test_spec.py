@@ -11,8 +11,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from sweeper.search import grid_points
 from sweeper.run import main
+from sweeper.search import grid_points
 from sweeper.spec import SpecError, load_spec, validate
 from sweeper.trials import trial_configs
 from tests.conftest import base_doc
