@@ -230,7 +230,7 @@ def trial_driver(config: dict[str, Any], *, spec_json: str,
     spec = SweepSpec.model_validate_json(spec_json)
     point = search.point_of(spec, config)
     exp = experiment_dir if isinstance(experiment_dir, Location) else resolve(experiment_dir)
-    sampled = search.points(spec) is None
+    sampled = not search.known_up_front(spec)
     # A sampled trial's name holds the searcher's index, which only Tune's trial knows.
     name = tune.get_context().get_trial_name() if sampled else search.trial_name(point)
     cfg = resolve_trial(spec, point, model_paths, trial_id=name)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def dry_run_table(spec: SweepSpec) -> str:
     """A plain-text table of every trial the sweep would run; for a sampling search, what
     it draws from (its trials are proposed as the sweep runs)."""
-    if search.points(spec) is None:
+    if not search.known_up_front(spec):
         return "\n".join([*search.describe(spec),
                           f"{spec.scaling.num_workers} worker(s) per trial, at most "
                           f"{spec.scaling.max_concurrent_trials} at once"])

@@ -20,6 +20,7 @@ and `scheduler`, which the orchestration calls.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -67,6 +68,9 @@ MAX_ENUMERATED = 10_000  # a randint of more values is not listed value by value
 
 
 def _number(v: Any, what: str, integer: bool = False) -> float | int:
+    if isinstance(v, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+        with contextlib.suppress(ValueError):
+            v = float(v)
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ValueError(f"{what} must be a {'whole ' if integer else ''}number, got {v!r}")
     if not math.isfinite(v):
@@ -360,10 +364,15 @@ def grid_points(spec: Any) -> list[dict[str, Any]]:
     return _product(grid_axes(spec))
 
 
+def known_up_front(spec: Any) -> bool:
+    """Whether every trial is known before the sweep (a grid search); a sampling search
+    proposes its trials while the sweep runs."""
+    return not ALGORITHMS[spec.tune.search].distributions
+
+
 def points(spec: Any) -> list[dict[str, Any]] | None:
-    """Every trial of the sweep when it is known up front (a grid search), else None: a
-    sampling search proposes its trials while the sweep runs."""
-    return grid_points(spec) if spec.tune.search == "grid" else None
+    """Every trial of the sweep when it is known up front (a grid search), else None."""
+    return grid_points(spec) if known_up_front(spec) else None
 
 
 def n_trials(spec: Any) -> int:
@@ -414,7 +423,7 @@ def tune_trial_name(spec: Any, config: dict[str, Any], experiment_tag: str) -> s
     """The name of a Tune trial: of its point, and for a sampling search the index Tune's
     search algorithm gave it (the number that starts its `experiment_tag`, `7_lr=...`)."""
     index = None
-    if points(spec) is None:
+    if not known_up_front(spec):
         m = re.match(r"\d+", str(experiment_tag))
         index = int(m[0]) if m else 0
     return trial_name(point_of(spec, config), index)

@@ -13,7 +13,6 @@ search algorithm, the trials, their names), `sweeper.trials` resolves a trial's 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -605,10 +604,11 @@ def _check_micro_batches(spec: SweepSpec) -> None:
                   [(f"variants.{v}.train.micro_batch_size", over["micro_batch_size"])]
                   if "micro_batch_size" in over else
                   [("train.micro_batch_size", spec.train.micro_batch_size)])
-        for (key, m), (bkey, b) in itertools.product(micros, batches):
-            if m is not None and (b // nw) % int(m):
-                raise SpecError(f"{key}: {m} does not divide the per-worker batch "
-                                f"{bkey}={b} / scaling.num_workers={nw} = {b // nw}")
+        for key, m in micros:
+            for bkey, b in batches:
+                if m is not None and (b // nw) % int(m):
+                    raise SpecError(f"{key}: {m} does not divide the per-worker batch "
+                                    f"{bkey}={b} / scaling.num_workers={nw} = {b // nw}")
 
 
 def _check_feature_cache(spec: SweepSpec) -> None:
