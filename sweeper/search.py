@@ -268,7 +268,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     "optuna": Algorithm(grid_axes=False, distributions=True, samples=True, package="optuna",
                         build=_optuna),
 }
-SearchName = Literal["grid", "random", "optuna"]  # the keys of ALGORITHMS
+# `tune.search` takes the names of ALGORITHMS: a new algorithm is one entry above.
+SearchName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]
 
 
 # --------------------------------------------------------------------------- axes
