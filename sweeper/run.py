@@ -59,8 +59,8 @@ def dry_run_table(spec: SweepSpec) -> str:
                           f"{spec.scaling.num_workers} worker(s) per trial, at most "
                           f"{spec.scaling.max_concurrent_trials} at once"])
     trials = trial_configs(spec)
-    cols = ["trial_id", "variant", "loss", "freeze_vision", "text_source", "batch_size",
-            "n_train_classes", "seed"]
+    cols = ["trial_id", "variant", "loss", "freeze_vision",
+            *(k for k in search.NAMED_AXES if k != "variant")]
     rows = [[str(getattr(t, c)) for c in cols] for t in trials]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))

@@ -249,7 +249,7 @@ class GridSpec(BaseModel):
     paths (`train.lr: [1e-4, 3e-5]`); each a list of values or a distribution
     (`{loguniform: [1.0e-6, 1.0e-4]}`)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     variant: GridAxis[str]
     text_source: GridAxis[TextSource] = Field(default_factory=lambda: ["templates"])
