@@ -245,8 +245,9 @@ class Algorithm:
 def _basic_variants(spec: Any, concurrency: int) -> Any:
     from ray.tune.search import BasicVariantGenerator
 
-    seed = spec.tune.search_seed if spec.tune.search == "random" else None
-    return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
+    # The seed draws the distributions; a grid has none to draw.
+    return BasicVariantGenerator(max_concurrent=concurrency,
+                                 random_state=spec.tune.search_seed)
 
 
 def _optuna(spec: Any, concurrency: int) -> Any:
