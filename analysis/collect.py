@@ -20,12 +20,15 @@ from typing import Any
 import pyarrow as pa
 
 from analysis.store import Store
+from sweeper import search
 from sweeper.sink import HISTORY_KEYS, first_error_line
 
 SCHEMA_VERSION = "1"
-NAMED_AXES = ("variant", "text_source", "batch_size", "n_train_classes", "seed")
+NAMED_AXES = tuple(search.NAMED_AXES)
 # Dotted grid axes must start with one of these spec sections (see sweeper.spec).
-EXTRA_AXIS_SECTIONS = ("model", "train", "eval", "data", "checkpoint", "variants")
+EXTRA_AXIS_SECTIONS = search.SECTIONS
+# Trials left out of the tables: proposals of a killed run that the searcher replaced.
+SUPERSEDED = "superseded"
 # Evaluation metrics beside top-1 (sweeper.evaluation): mean per-class recall, and the
 # image-text retrieval recalls (present when the trial's val images have captions).
 EVAL_METRICS = (
@@ -91,6 +94,7 @@ _TRIAL_TAIL: tuple[tuple[str, pa.DataType], ...] = (
     ("trust_remote_code", pa.bool_()),
     ("status", pa.string()),
     ("error", pa.string()),
+    ("stopped_early", pa.bool_()),
     ("zero_shot_top1", pa.float64()),
     ("val_top1", pa.float64()),
     ("val_top5", pa.float64()),
@@ -278,6 +282,8 @@ class Experiment:
     created_at: str | None
     axes: dict[str, list[Any]]
     trials: list[TrialRecord]
+    # Axes drawn from a range by a sampling search: {axis: its distribution, {kind: args}}.
+    sampled: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def extra_axes(self) -> list[str]:
@@ -340,10 +346,12 @@ def read_experiment(location: str | Path) -> Experiment:
     for tid, (axes, config) in listed.items():
         has_folder = tid in folders
         if has_folder:
+            status = store.read_json("trials", tid, "status.json")
+            if isinstance(status, dict) and status.get("status") == SUPERSEDED:
+                continue
             disk_config = store.read_json("trials", tid, "config.json")
             if not config and isinstance(disk_config, dict):
                 config = disk_config
-            status = store.read_json("trials", tid, "status.json")
             history = store.read_jsonl("trials", tid, "history.jsonl")
             per_class = store.read_jsonl("trials", tid, "per_class.jsonl")
         else:
@@ -364,8 +372,18 @@ def read_experiment(location: str | Path) -> Experiment:
         trials[tune.name].tune.append(tune)
 
     axes_doc = sweep.get("axes")
+    sampled: dict[str, dict[str, Any]] = {}
     if isinstance(axes_doc, dict) and axes_doc:
-        axes = {k: list(v) if isinstance(v, list) else [v] for k, v in axes_doc.items()}
+        axes = {}
+        for k, v in axes_doc.items():
+            try:  # a distribution ({kind: args}): its values are the trials'
+                dist = search.Distribution.parse(v) if isinstance(v, dict) else None
+            except ValueError:
+                dist = None
+            if dist is not None and dist.continuous:
+                sampled[k] = dist.doc()
+            axes[k] = list(v) if isinstance(v, list) else \
+                list(dist.args) if dist is not None and not dist.continuous else []
     else:
         axes = {}
         for rec in trials.values():
@@ -384,6 +402,7 @@ def read_experiment(location: str | Path) -> Experiment:
         created_at=_str(sweep.get("created_at")),
         axes=ordered,
         trials=list(trials.values()),
+        sampled=sampled,
     )
 
 
@@ -555,6 +574,9 @@ def _trial_row(rec: TrialRecord, exp: Experiment) -> dict[str, Any]:
         "trust_remote_code": trust if trust is not None else model.get("trust_remote_code"),
         "status": rec.status,
         "error": rec.error,
+        # Stopped by the scheduler (ASHA) before its budget; false for another ending.
+        "stopped_early": _bool(st.get("stopped_early")) or (False if rec.status in (
+            "terminated", "diverged", "errored") else None),
         "zero_shot_top1": zero_shot,
         "best_val_top1": best,
         "best_step": best_step,
@@ -601,6 +623,8 @@ def _metadata(exp: Experiment) -> dict[bytes, bytes]:
         b"sweeper.experiment": (exp.name or "").encode(),
         b"sweeper.fingerprint": (exp.fingerprint or "").encode(),
         b"sweeper.axes": json.dumps(list(exp.axes)).encode(),
+        b"sweeper.sampled_axes": json.dumps(
+            {axis_column(a): d for a, d in exp.sampled.items()}, sort_keys=True).encode(),
     }
 
 

@@ -8,6 +8,7 @@ so running the analysis twice over the same experiment gives byte-identical file
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -123,8 +124,19 @@ def write_parquet(experiment_dir: str | Path, out_dir: str | Path | None = None)
     return publish(experiment_dir, out_dir, paths)
 
 
-def _to_pandas(table: pa.Table) -> pd.DataFrame:
-    return table.to_pandas()
+def to_pandas(table: pa.Table) -> pd.DataFrame:
+    """The table as a DataFrame; `attrs["sampled_axes"]` holds the columns of the axes a
+    sampling search drew from a range, {column: {kind: args}} (from the schema's
+    `sweeper.sampled_axes`), which the tables list as values instead of grouping by."""
+    frame = table.to_pandas()
+    raw = (table.schema.metadata or {}).get(b"sweeper.sampled_axes")
+    try:
+        sampled = json.loads(raw) if raw else {}
+    except ValueError:
+        sampled = {}
+    frame.attrs["sampled_axes"] = sampled if isinstance(sampled, dict) else {}
+    return frame
+
 
 
 def load(path: str | Path, *, refresh: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -141,12 +153,12 @@ def load(path: str | Path, *, refresh: bool = False) -> tuple[pd.DataFrame, pd.D
         trials = store.read_parquet(TRIALS_FILE)
         history = store.read_parquet(HISTORY_FILE)
         if trials is not None and history is not None:
-            return _to_pandas(trials), _to_pandas(history)
+            return to_pandas(trials), to_pandas(history)
     exp = read_experiment(path)
     if store.uri:
-        return _to_pandas(trials_table(exp)), _to_pandas(history_table(exp))
+        return to_pandas(trials_table(exp)), to_pandas(history_table(exp))
     _, tables = write_tables(exp, output_dir(path, None))
-    return _to_pandas(tables["trials"]), _to_pandas(tables["history"])
+    return to_pandas(tables["trials"]), to_pandas(tables["history"])
 
 
 def load_per_class(path: str | Path) -> pd.DataFrame | None:
@@ -158,4 +170,4 @@ def load_per_class(path: str | Path) -> pd.DataFrame | None:
     table = store.read_parquet(PER_CLASS_FILE)
     if table is None:
         table = per_class_table(read_experiment(path))
-    return _to_pandas(table) if table is not None else None
+    return to_pandas(table) if table is not None else None

@@ -33,6 +33,7 @@ from analysis.tables import (
     group_axes,
     mask,
     py,
+    sampled_columns,
     slug,
     stats,
     unique,
@@ -163,7 +164,8 @@ def _curves(
     `variant=None` takes every variant, and the variant is then part of the setting."""
     if history.empty or metric not in history.columns:
         return []
-    keys = varying(trials, group_axes(trials))
+    # A trial of a sampling search is a setting of its own: its sampled values tell it apart.
+    keys = varying(trials, [*group_axes(trials), *sampled_columns(trials)])
     hist = history[history[metric].notna() & history["step"].notna()]
     if variant is not None:
         keys = [a for a in keys if a != "variant"]
@@ -189,7 +191,9 @@ def learning_curves(
     curves = _curves(history, trials, variant, metric)
     if not curves:
         return None
-    facet = next(iter(curves[0][0]), None) if len(curves) > _MAX_LINES else None
+    # Faceted by a grid axis, never by a sampled one (each of its values is one trial).
+    grid_keys = [k for k in curves[0][0] if k not in sampled_columns(trials)]
+    facet = next(iter(grid_keys), None) if len(curves) > _MAX_LINES else None
     panels: dict[Any, list[tuple[dict[str, Any], pd.Series]]] = {}
     for combo, mean in curves:
         panels.setdefault(combo.get(facet) if facet else None, []).append((combo, mean))

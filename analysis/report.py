@@ -23,9 +23,10 @@ import pyarrow as pa
 from analysis import reference
 from analysis import tables as T
 from analysis.collect import Experiment, ExperimentNotFound, read_experiment
-from analysis.dataset import output_dir, output_lines, publish, write_tables
+from analysis.dataset import output_dir, output_lines, publish, to_pandas, write_tables
 from analysis.importance import importance, render_importance
 from analysis.plots import write_plots
+from analysis.sampled import sampled_plots, sampled_section
 from sweeper.sink import atomic_write_bytes
 from sweeper.spec import SpecError
 
@@ -211,6 +212,7 @@ def build_markdown(
     `out`, where report.md goes)."""
     axis_tables = {a: T.axis_tables(trials, a) for a in T.group_axes(trials) if a != "variant"}
     plots = write_plots(plots_dir, trials, history, [t for ts in axis_tables.values() for t in ts])
+    plots.update(sampled_plots(plots_dir, trials))
 
     lines = _header(exp, trials)
     grid = T.grid_tables(trials)
@@ -229,6 +231,7 @@ def build_markdown(
             "",
         ]
     lines += _importance(trials, plots, out)
+    lines += sampled_section(trials, plots, out)
     if grid:
         lines += _section(
             "Batch size × train classes",
@@ -303,8 +306,8 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
     exp = read_experiment(experiment_dir)
     out = output_dir(experiment_dir, out_dir)
     paths, tables = write_tables(exp, out)
-    trials = tables["trials"].to_pandas()
-    history = tables["history"].to_pandas()
+    trials = to_pandas(tables["trials"])
+    history = to_pandas(tables["history"])
     plots_dir = out / PLOTS_DIR
     plots_dir.mkdir(parents=True, exist_ok=True)
     text, _ = build_markdown(exp, trials, history, out, plots_dir)

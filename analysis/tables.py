@@ -35,6 +35,7 @@ import pandas as pd
 from analysis import reference
 from analysis.collect import NAMED_AXES, is_extra_axis_column
 from analysis.stats import Welch, welch
+from sweeper import search
 
 INCLUDED_STATUSES = ("terminated",)
 METRIC = "val_top1"
@@ -42,13 +43,7 @@ _SCALE = 100.0  # accuracies are stored as fractions, shown in percent
 ALPHA = 0.05  # Welch's t-test: a lead with p below this exceeds the seed-to-seed spread
 TIE_MARK = "†"
 
-AXIS_LABELS = {
-    "variant": "variant",
-    "text_source": "text source",
-    "batch_size": "batch size",
-    "n_train_classes": "train classes",
-    "seed": "seed",
-}
+AXIS_LABELS = {k: a.label for k, a in search.NAMED_AXES.items()}
 
 
 @dataclass(frozen=True)
@@ -257,9 +252,17 @@ def axis_columns(trials: pd.DataFrame) -> list[str]:
     return named + [c for c in trials.columns if is_extra_axis_column(c)]
 
 
+def sampled_columns(trials: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """The axis columns a sampling search drew from a range, {column: {kind: args}}
+    (`analysis.dataset.to_pandas` reads them from the Parquet file's metadata)."""
+    return dict(trials.attrs.get("sampled_axes") or {})
+
+
 def group_axes(trials: pd.DataFrame) -> list[str]:
-    """Axes that define a setting; seeds are the repeats averaged over."""
-    return [a for a in axis_columns(trials) if a != "seed"]
+    """Axes that define a setting; seeds are the repeats averaged over, and an axis drawn
+    from a range is a value of each trial, not a setting trials share."""
+    sampled = sampled_columns(trials)
+    return [a for a in axis_columns(trials) if a != "seed" and a not in sampled]
 
 
 def varying(trials: pd.DataFrame, columns: Sequence[str]) -> list[str]:

@@ -126,9 +126,16 @@ def spec_doc(model_dir: Path | str, synth: dict[str, Any], storage: Path | str,
     return doc
 
 
+def resolved_trials(spec: Any, cache: str | Path | None = None) -> list[Any]:
+    """Every trial of a grid sweep with its model resolved (what in-process runs use)."""
+    from sweeper.prepare import prepare_inputs
+    from sweeper.trials import trial_configs
+
+    return trial_configs(spec, prepare_inputs(spec, cache, announce=False))
+
+
 def trial_config(doc: dict[str, Any]) -> Any:
     """The (first) trial of a search-space document, its model resolved."""
-    from sweeper.prepare import resolved_trials
     from sweeper.spec import validate
 
     return resolved_trials(validate(doc), cache_dir())[0]

@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from sweeper.prepare import resolved_trials
     from sweeper.sink import TrialSink
     from sweeper.spec import load_spec
     from sweeper.training import resolve_precision
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         sets += ["grid.text_source=[templates]", "grid.n_train_classes=[5]", "train.epochs=1"]
     spec = load_spec(common.ROOT / "search_spaces" / "quickstart.yaml", sets)
     t = time.perf_counter()
-    trials = resolved_trials(spec, common.cache_dir())[:args.trials]
+    trials = common.resolved_trials(spec, common.cache_dir())[:args.trials]
     common.emit("gpu_trial_prepare_s", time.perf_counter() - t)
     ok = True
     with tempfile.TemporaryDirectory(prefix="gpu-trial-") as work:

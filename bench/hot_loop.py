@@ -152,10 +152,9 @@ def in_process_trials(doc: dict[str, Any], device: Any, work: Path
 
 
 def common_trials(doc: dict[str, Any]) -> list[Any]:
-    from sweeper.prepare import resolved_trials
     from sweeper.spec import validate
 
-    return resolved_trials(validate(doc), common.cache_dir())
+    return common.resolved_trials(validate(doc), common.cache_dir())
 
 
 def worker_rate(history: list[dict[str, Any]]) -> float:

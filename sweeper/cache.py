@@ -62,7 +62,7 @@ from sweeper.models import DualEncoder, load_pretrained
 from sweeper.spec import DataSpec, ModelSpec, SweepSpec
 from sweeper.storage import Location, atomic_write_json, publish_dir, pull_dir
 from sweeper.training import autocast_for, resolve_precision
-from sweeper.trials import trial_configs
+from sweeper.trials import covering_configs, model_axis
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +542,12 @@ def cache_jobs(spec: SweepSpec, storage: str | Path, model_paths: dict[str, str]
     `model_paths` as `sweeper.prepare.model_paths` gives them. `storage`: a local path
     (the node-local mirror of a bucket, whose `.cache` is `remote`)."""
     jobs: dict[tuple[str, ...], CacheJob] = {}
-    for t in trial_configs(spec, model_paths):
+    # Every combination of the axes a store depends on (None: one of them is drawn from a
+    # range; the trials then build what they need).
+    store_axes = ("train.precision", "eval.batch_size")
+    configs = covering_configs(spec, lambda k: model_axis(k) or k.startswith("data.")
+                               or k in store_axes, model_paths)
+    for t in configs or []:
         kind = "features" if uses_feature_cache(t) else "images" if t.data.cache_images \
             else None
         if kind is None or getattr(t.data, "format", "folder") != "folder":

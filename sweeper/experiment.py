@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeper.grid import grid_axes
+from sweeper import search
 from sweeper.sink import TrialSink, trial_dir
 from sweeper.spec import SpecError, SweepSpec, spec_fingerprint
 from sweeper.storage import Location, check_remote, resolve
 from sweeper.trials import trial_configs
 
 FINISHED = ("terminated", "diverged")
+# A sampled trial whose proposal Tune lost (it was made after Tune's last save of the
+# experiment state, then the driver was killed): the searcher proposed another in its place.
+SUPERSEDED = "superseded"
 
 # Keys of the spec that say where and how fast trials run, not what they compute: an
 # existing experiment resumes when only these changed.
@@ -205,12 +208,15 @@ def create_experiment(spec: SweepSpec, spec_text: str | None = None) -> Location
     exp = experiment_dir(spec)
     exp.mkdir()
     if (exp / "sweep.json").read_json() is None:
-        trials = trial_configs(spec)
+        trials = trial_configs(spec)  # none listed for a sampling search
         (exp / "sweep.json").write_json({
             "name": spec.name,
             "fingerprint": spec_fingerprint(spec),
             "spec": spec.model_dump(mode="json"),
-            "axes": grid_axes(spec),
+            "axes": {k: v if isinstance(v, list) else v.doc()
+                     for k, v in search.axes(spec).items()},
+            "search": {"algorithm": spec.tune.search, "num_samples": search.num_samples(spec),
+                       "seed": spec.tune.search_seed, "trials": search.n_trials(spec)},
             "trials": [{"trial_id": t.trial_id, "axes": t.axes,
                         "config": t.model_dump(mode="json")} for t in trials],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -228,22 +234,52 @@ def prepare_experiment(spec: SweepSpec, spec_text: str | None, new: bool,
     return spec
 
 
+def trial_names(spec: SweepSpec, exp: Location) -> list[str]:
+    """The trials of the experiment: every grid point's, or for a sampling search the
+    folders of the trials its searcher proposed so far (superseded ones left out)."""
+    known = search.points(spec)
+    if known is not None:
+        return [search.trial_name(p) for p in known]
+    names = [n for n in (exp / "trials").children() if not n.startswith(".")]
+    return [n for n in names
+            if TrialSink.at(trial_dir(exp, n)).status().get("status") != SUPERSEDED]
+
+
+def supersede_lost(exp: Location, trial_id: str) -> list[str]:
+    """Mark superseded the unfinished trials of the same proposal index as `trial_id` under
+    another name: proposals of a killed run that Tune's saved state did not hold, which the
+    restored searcher replaced. Their folders stay; returns their names."""
+    index = search.proposal_index(trial_id)
+    if index is None:
+        return []
+    out = []
+    for name in (exp / "trials").children():
+        if name == trial_id or name.startswith(".") or search.proposal_index(name) != index:
+            continue
+        sink = TrialSink.at(trial_dir(exp, name))
+        if sink.status().get("status") not in (*FINISHED, SUPERSEDED):
+            sink.update_status(status=SUPERSEDED, superseded_by=trial_id,
+                               ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            out.append(name)
+    return out
+
+
 def reset_errored(spec: SweepSpec, exp: Location) -> None:
     """Set the errored trials of the experiment back to pending (`--retry-errored`)."""
-    for t in trial_configs(spec):
-        s = TrialSink.at(trial_dir(exp, t.trial_id))
+    for tid in trial_names(spec, exp):
+        s = TrialSink.at(trial_dir(exp, tid))
         if s.status().get("status") == "errored":
             s.update_status(status="pending", error=None, error_detail=None)
 
 
 def collect(spec: SweepSpec, result: SweepResult) -> None:
     """Fill `result` with every trial's status and the first line of each error."""
-    for t in trial_configs(spec):
-        st = TrialSink.at(trial_dir(result.experiment_dir, t.trial_id)).status()
+    for tid in trial_names(spec, result.experiment_dir):
+        st = TrialSink.at(trial_dir(result.experiment_dir, tid)).status()
         status = st.get("status") or "pending"
-        result.statuses[t.trial_id] = status
+        result.statuses[tid] = status
         if status == "errored":
-            result.errors[t.trial_id] = str(st.get("error") or "").splitlines()[0][:300] \
+            result.errors[tid] = str(st.get("error") or "").splitlines()[0][:300] \
                 if st.get("error") else "errored"
         elif status not in FINISHED and not result.interrupted:
-            result.errors[t.trial_id] = f"did not finish (status {status})"
+            result.errors[tid] = f"did not finish (status {status})"

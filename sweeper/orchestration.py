@@ -30,11 +30,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sweeper import ray_compat
+from sweeper import ray_compat, search
 from sweeper.checkpoint import checkpoint_upload, prune_finished, strip_older_optimizers
 from sweeper.console import dashboard_banner, trial_ending
-from sweeper.experiment import FINISHED, SweepResult, collect, experiment_dir, reset_errored
-from sweeper.grid import grid_axes, trial_id_for
+from sweeper.experiment import (
+    FINISHED,
+    SweepResult,
+    collect,
+    experiment_dir,
+    reset_errored,
+    supersede_lost,
+)
 from sweeper.preflight import cluster_address
 from sweeper.prepare import node_local_model, publish_models
 from sweeper.resources import DRIVER_CPU, check_fits, fmt_res, trial_demand, worker_resources
@@ -222,9 +228,16 @@ def trial_driver(config: dict[str, Any], *, spec_json: str,
     from ray import tune
 
     spec = SweepSpec.model_validate_json(spec_json)
-    point = {k: config[k] for k in grid_axes(spec)}
-    cfg = resolve_trial(spec, point, model_paths)
+    point = search.point_of(spec, config)
     exp = experiment_dir if isinstance(experiment_dir, Location) else resolve(experiment_dir)
+    sampled = not search.known_up_front(spec)
+    # A sampled trial's name holds the searcher's index, which only Tune's trial knows.
+    name = tune.get_context().get_trial_name() if sampled else search.trial_name(point)
+    cfg = resolve_trial(spec, point, model_paths, trial_id=name)
+    if sampled:
+        for lost in supersede_lost(exp, name):
+            log.warning("trial %s replaces %s, a proposal of a killed run that Tune's "
+                        "saved state did not hold", name, lost)
     tdir = trial_dir(exp, cfg.trial_id)
     sink = TrialSink.at(tdir)
     previous = sink.status()
@@ -460,7 +473,7 @@ def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
     from ray.tune import CLIReporter
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new engine ignores reporters
-    varying = [k for k, v in grid_axes(spec).items() if len(v) > 1]
+    varying = search.varying(spec)
     return CLIReporter(parameter_columns=varying or None,
                        metric_columns={"step": "step", "train_loss": "loss",
                                        "val_top1": "val_top1"},
@@ -554,40 +567,14 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
                                  model_paths=model_paths, verbose=verbose),
             {"cpu": DRIVER_CPU},
         )
-        axes = grid_axes(spec)
-        keys = list(axes)
-
         def name_of(trial: Any) -> str:
-            return trial_id_for({k: trial.config[k] for k in keys})
+            return search.tune_trial_name(spec, trial.config, trial.experiment_tag)
 
         sink_cb = make_sink_callback(exp, name_of, echo=verbose == 1)
-        reporter = _progress_reporter(spec, verbose)
-        tune_config = tune.TuneConfig(
-            max_concurrent_trials=concurrency,
-            trial_name_creator=name_of,
-            trial_dirname_creator=name_of,
-            scheduler=_scheduler(spec),
-            reuse_actors=reuses_actors(spec),
-        )
         # MLflow's file store needs a local folder: the node-local mirror of a bucket.
         callbacks = [sink_cb, *_logger_callbacks(spec, mirror_dir(exp, cache_dir))]
-        if resume and tune.Tuner.can_restore(exp.fs_path, storage_filesystem=exp.fs):
-            tuner = tune.Tuner.restore(exp.fs_path, trainable, resume_unfinished=True,
-                                       restart_errored=retry_errored,
-                                       storage_filesystem=exp.fs)
-            # This run's concurrency, scheduler and callbacks, not the first run's (Ray 2.60
-            # keeps them on the restored TunerInternal).
-            ray_compat.set_restored_tuner_config(tuner, tune_config, callbacks, verbose,
-                                                 reporter)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={k: tune.grid_search(v) for k, v in axes.items()},
-                tune_config=tune_config,
-                run_config=tune.RunConfig(name=spec.name, storage_path=exp.parent.fs_path,
-                                          storage_filesystem=exp.fs, callbacks=callbacks,
-                                          verbose=verbose, progress_reporter=reporter),
-            )
+        tuner = build_tuner(spec, trainable, exp, name_of, concurrency, callbacks, verbose,
+                            resume=resume, retry_errored=retry_errored)
         _install_interrupt_handlers(result)
         tuner.fit()
         result.stopped_early = list(sink_cb.stopped_early)
@@ -602,6 +589,44 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, resume: bool = Tru
             if info.get("local") and ray.is_initialized():
                 ray.shutdown()
     return result
+
+
+def build_tuner(spec: SweepSpec, trainable: Any, exp: Location, name_of: Any,
+                concurrency: int, callbacks: list[Any], verbose: int, *, resume: bool = True,
+                retry_errored: bool = False) -> Any:
+    """The sweep's Tuner: a new one over the search space (`sweeper.search`: Tune's
+    param_space, search algorithm and number of samples), or, when the experiment has
+    Tune's saved state and `resume`, `Tuner.restore`d from it (its trials, and the search
+    algorithm's state: the draws made, the Optuna study) with this run's concurrency,
+    scheduler and callbacks."""
+    from ray import tune
+
+    reporter = _progress_reporter(spec, verbose)
+    tune_config = tune.TuneConfig(
+        # The search algorithm limits the trials at once (sweeper.search.search_algorithm).
+        search_alg=search.search_algorithm(spec, concurrency),
+        num_samples=search.num_samples(spec),
+        trial_name_creator=name_of,
+        trial_dirname_creator=name_of,
+        scheduler=search.scheduler(spec),
+        reuse_actors=reuses_actors(spec),
+    )
+    if resume and tune.Tuner.can_restore(exp.fs_path, storage_filesystem=exp.fs):
+        tuner = tune.Tuner.restore(exp.fs_path, trainable, resume_unfinished=True,
+                                   restart_errored=retry_errored, storage_filesystem=exp.fs)
+        # This run's concurrency, scheduler and callbacks, not the first run's (Ray 2.60
+        # keeps them on the restored TunerInternal); Tune restores the search algorithm's
+        # state into this run's.
+        ray_compat.set_restored_tuner_config(tuner, tune_config, callbacks, verbose, reporter)
+        return tuner
+    return tune.Tuner(
+        trainable,
+        param_space=search.param_space(spec),
+        tune_config=tune_config,
+        run_config=tune.RunConfig(name=spec.name, storage_path=exp.parent.fs_path,
+                                  storage_filesystem=exp.fs, callbacks=callbacks,
+                                  verbose=verbose, progress_reporter=reporter),
+    )
 
 
 def _install_interrupt_handlers(result: SweepResult) -> None:
@@ -632,17 +657,6 @@ def reuses_actors(spec: SweepSpec) -> bool:
     queue kept). Not with early stopping: a trial ASHA stops would go on training in the
     cached actor until the actor is reused."""
     return spec.tune.reuse_actors and spec.tune.scheduler == "fifo"
-
-
-def _scheduler(spec: SweepSpec) -> Any:
-    if spec.tune.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        return ASHAScheduler(metric="val_top1", mode="max", time_attr="training_iteration",
-                             grace_period=spec.tune.grace_period,
-                             reduction_factor=spec.tune.reduction_factor,
-                             max_t=spec.tune.max_t)
-    return None
 
 
 def _logger_callbacks(spec: SweepSpec, exp: Path) -> list[Any]:

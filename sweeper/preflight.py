@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import data as D
+from sweeper import search
 from sweeper.experiment import check_storage, plan_experiment
 from sweeper.families import (
     FAMILIES,
@@ -32,11 +33,10 @@ from sweeper.families import (
     family_of_model,
     supported,
 )
-from sweeper.grid import setting_values
 from sweeper.models import IMAGE_BACKEND, check_loadable
 from sweeper.resources import check_fits, local_nodes
 from sweeper.spec import ModelSpec, SpecError, SweepSpec
-from sweeper.trials import model_key, sweep_models, trial_configs
+from sweeper.trials import covering_configs, model_axis, model_key, sweep_models
 
 # The package each logger of `loggers` needs, as Ray's callbacks import it.
 LOGGER_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
@@ -46,6 +46,13 @@ def cluster_address(address: str | None) -> str | None:
     """The cluster to join (`--address`, else RAY_ADDRESS), or None for a local Ray."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     return None if address == "local" else address
+
+
+def check_search(spec: SweepSpec) -> None:
+    """Refuse a search algorithm whose package is not installed (`optuna`: an extra)."""
+    missing = search.missing_package(spec)
+    if missing:
+        raise SpecError(missing)
 
 
 def check_loggers(spec: SweepSpec) -> None:
@@ -63,13 +70,14 @@ def check_data(spec: SweepSpec) -> None:
     the spec itself)."""
     if spec.data.synthetic is not None:
         return
-    train, val = D.check_dataset(spec.data, spec.grid.n_train_classes, spec.grid.text_source)
-    for i, k in enumerate(spec.grid.n_train_classes):
+    counts = search.keyed_values(spec, "n_train_classes")
+    sources = [v for _, v in search.keyed_values(spec, "text_source")]
+    train, val = D.check_dataset(spec.data, [k for _, k in counts], sources)
+    for key, k in counts:
         if k > len(train.wnids):
-            raise SpecError(f"grid.n_train_classes[{i}]: {k} exceeds the dataset's "
-                            f"{len(train.wnids)} classes")
+            raise SpecError(f"{key}: {k} exceeds the dataset's {len(train.wnids)} classes")
     if not any(s.captions for s in val.samples):
-        for key, v in setting_values(spec, "eval.retrieval"):
+        for key, v in search.setting_values(spec, "eval.retrieval"):
             if v is True:
                 raise D.DataError(f"{key}: true, but no val image of "
                                   f"{spec.data.root} has a caption")
@@ -159,7 +167,9 @@ def check_models(spec: SweepSpec) -> None:
     families = {model_key(m): check_family(m) for m in sweep_models(spec)}
     if not any(f.naflex for f in families.values()):
         return
-    for t in trial_configs(spec):
+    # Every combination of the axes that decide the model and these two settings.
+    settings = ("data.cache_images", "data.augment")
+    for t in covering_configs(spec, lambda k: model_axis(k) or k in settings) or []:
         if not families[model_key(t.model)].naflex:
             continue
         if t.data.cache_images:
@@ -180,14 +190,15 @@ def check_adapters(spec: SweepSpec, models: bool = True) -> None:
     from sweeper import adapters
 
     axes = spec.grid.model_extra or {}
-    for v in dict.fromkeys(spec.grid.variant):
+    for v in dict.fromkeys(search.values(spec, "variant") or []):
         if spec.variants[v].peft is not None or any(
                 f"{k}.".startswith(f"variants.{v}.peft.") for k in axes):
             adapters.require(f"variants.{v}.peft")
     if not models:
         return
     seen: set[str] = set()
-    for t in trial_configs(spec):
+    # Placement depends on the model and the variant's own keys alone.
+    for t in covering_configs(spec, lambda k: model_axis(k) or k.startswith("variants.")) or []:
         key = f"variants.{t.variant}.peft"
         job = json.dumps([model_key(t.model), t.peft and t.peft.model_dump(mode="json"), key])
         if t.peft is None or job in seen:
@@ -219,6 +230,7 @@ def preflight(spec: SweepSpec, address: str | None = None, *, new: bool = False,
     it would open (renamed `name-2`, ... with `new` when the spec changed). Cheap checks
     first: no data is scanned for a sweep that cannot run."""
     check_storage(spec.storage, spec.storage_filesystem)
+    check_search(spec)
     check_loggers(spec)
     check_adapters(spec, models=False)  # the extra first: cheap, and what most forget
     if cluster_address(address) is None:

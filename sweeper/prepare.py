@@ -19,7 +19,7 @@ from sweeper.models import PRESETS, hub_snapshot, local_checkpoint
 from sweeper.spec import ModelSpec, SweepSpec, TrialConfig
 from sweeper.storage import Location, publish_dir, pull_dir
 from sweeper.synthetic import default_cache_dir
-from sweeper.trials import model_key, sweep_models, trial_configs
+from sweeper.trials import model_key, sweep_models
 
 MODEL_MARKER = "config.json"  # the file a checkpoint folder is complete with
 
@@ -60,11 +60,6 @@ def prepare_inputs(spec: SweepSpec, cache_dir: str | Path | None = None,
     if spec.data.synthetic is not None:
         D.data_root(spec.data, cache_dir)
     return paths
-
-
-def resolved_trials(spec: SweepSpec, cache_dir: str | Path | None = None) -> list[TrialConfig]:
-    """Every trial of the sweep with its model resolved (what in-process runs use)."""
-    return trial_configs(spec, prepare_inputs(spec, cache_dir, announce=False))
 
 
 def with_model_path(cfg: TrialConfig, cache_dir: str | Path | None = None,

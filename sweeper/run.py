@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from sweeper import search
 from sweeper.spec import SpecError, SweepSpec, load_spec
 from sweeper.storage import Location
 from sweeper.trials import trial_configs
@@ -51,10 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dry_run_table(spec: SweepSpec) -> str:
-    """A plain-text table of every trial the sweep would run."""
+    """A plain-text table of every trial the sweep would run; for a sampling search, what
+    it draws from (its trials are proposed as the sweep runs)."""
+    if not search.known_up_front(spec):
+        return "\n".join([*search.describe(spec),
+                          f"{spec.scaling.num_workers} worker(s) per trial, at most "
+                          f"{spec.scaling.max_concurrent_trials} at once"])
     trials = trial_configs(spec)
-    cols = ["trial_id", "variant", "loss", "freeze_vision", "text_source", "batch_size",
-            "n_train_classes", "seed"]
+    cols = ["trial_id", "variant", "loss", "freeze_vision",
+            *(k for k in search.NAMED_AXES if k != "variant")]
     rows = [[str(getattr(t, c)) for c in cols] for t in trials]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))

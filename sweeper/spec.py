@@ -6,19 +6,18 @@ cross-field rules that need the whole tree (variants named in the grid exist, ba
 sizes split evenly over the workers, enough classes for `n_train_classes`). Every refusal
 is a `SpecError` whose message is one line starting with the offending key path.
 
-`trial_configs(spec)` expands the grid into the resolved per-trial configs, in the same
-order Ray Tune's `grid_search` produces them.
+An axis of `grid:` is a list or a distribution; `sweeper.search` owns what they mean (the
+search algorithm, the trials, their names), `sweeper.trials` resolves a trial's config.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -26,11 +25,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WrapSerializer,
+    WrapValidator,
     field_validator,
     model_validator,
 )
 
-from sweeper.grid import grid_axes, grid_points, setting_values, trial_id_for
+from sweeper import search
+from sweeper.search import Distribution, SearchName, keyed_values, setting_values
 from sweeper.spec_base import Float, Int, SpecError
 from sweeper.spec_base import Strict as _Strict
 from sweeper.variants import (  # re-exported: part of the spec tree
@@ -51,6 +53,12 @@ MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_VALUES = 100_000  # scalars and containers after YAML aliases are expanded
 MAX_SPEC_DEPTH = 32
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+T = TypeVar("T")
+# A named grid axis: a list of values of its type, or a distribution over them.
+GridAxis = Annotated[list[T], Field(min_length=1), WrapValidator(search.named_axis),
+                     WrapSerializer(search.serialize_axis)]
 
 
 class TinyModelSpec(_Strict):
@@ -215,19 +223,25 @@ class DataSpec(_Strict):
 
 
 class GridSpec(BaseModel):
-    """Axes of the sweep. Extra keys are dotted spec paths (`train.lr: [1e-4, 3e-5]`)."""
+    """Axes of the sweep: the named ones (`sweeper.search.NAMED_AXES`) and dotted spec
+    paths (`train.lr: [1e-4, 3e-5]`); each a list of values or a distribution
+    (`{loguniform: [1.0e-6, 1.0e-4]}`)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    variant: list[str] = Field(min_length=1)
-    text_source: list[TextSource] = Field(default_factory=lambda: ["templates"], min_length=1)
-    batch_size: list[Int] = Field(min_length=1)
-    n_train_classes: list[Int] = Field(min_length=1)
-    seed: list[Int] = Field(default_factory=lambda: [0], min_length=1)
+    variant: GridAxis[str]
+    text_source: GridAxis[TextSource] = Field(default_factory=lambda: ["templates"])
+    batch_size: GridAxis[Int]
+    n_train_classes: GridAxis[Int]
+    seed: GridAxis[Int] = Field(default_factory=lambda: [0])
 
     @field_validator("batch_size", "n_train_classes")
     @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
+    def _positive(cls, v: list[int] | Distribution) -> list[int] | Distribution:
+        if isinstance(v, Distribution):
+            if min(v.probe_values()) < 1:
+                raise ValueError(f"{v} draws {min(v.probe_values())}; must be >= 1")
+            return v
         for i, x in enumerate(v):
             if x < 1:
                 raise ValueError(f"[{i}] must be >= 1, got {x}")
@@ -259,6 +273,11 @@ class TuneSpec(_Strict):
     # (Tune's reuse_actors; fifo only), its imports and report queue kept: the quickstart's
     # wall time 0.89x on its 8 trials (bench/sweep_overhead.py).
     reuse_actors: bool = True
+    # How the trials are chosen (sweeper.search.ALGORITHMS): grid (every list value), random
+    # (num_samples draws of the distributions, crossed with the grid axes), optuna (TPE).
+    search: SearchName = "grid"
+    num_samples: Int = Field(1, ge=1)
+    search_seed: Int | None = 0  # null: unseeded
 
 
 class SweepSpec(_Strict):
@@ -478,27 +497,25 @@ def n_dataset_classes(spec: SweepSpec) -> int | None:
 
 
 def _check_cross_fields(spec: SweepSpec) -> None:
-    g = spec.grid
-    for i, v in enumerate(g.variant):
+    for key, values in (spec.grid.model_extra or {}).items():
+        _check_extra_axis(spec, key, values)
+    for key, v in keyed_values(spec, "variant"):
         if v not in spec.variants:
             raise SpecError(
-                f"grid.variant[{i}]: variant {v!r} is not defined in variants "
+                f"{key}: variant {v!r} is not defined in variants "
                 f"(defined: {', '.join(sorted(spec.variants))})"
             )
     nw = spec.scaling.num_workers
-    for i, b in enumerate(g.batch_size):
+    for key, b in keyed_values(spec, "batch_size"):
         if b % nw:
-            raise SpecError(
-                f"grid.batch_size[{i}]: {b} must be divisible by scaling.num_workers={nw}"
-            )
+            raise SpecError(f"{key}: {b} must be divisible by scaling.num_workers={nw}")
     n_cls = n_dataset_classes(spec)
     if n_cls is not None:
-        for i, k in enumerate(g.n_train_classes):
+        for key, k in keyed_values(spec, "n_train_classes"):
             if k > n_cls:
-                raise SpecError(
-                    f"grid.n_train_classes[{i}]: {k} exceeds the dataset's {n_cls} classes"
-                )
-    needs_captions = "captions" in g.text_source or "mixed" in g.text_source
+                raise SpecError(f"{key}: {k} exceeds the dataset's {n_cls} classes")
+    sources = {v for _, v in keyed_values(spec, "text_source")}
+    needs_captions = "captions" in sources or "mixed" in sources
     d = spec.data
     no_manifest = d.root is not None and d.captions is None and d.format != "parquet"
     if needs_captions and no_manifest:
@@ -518,34 +535,13 @@ def _check_cross_fields(spec: SweepSpec) -> None:
                 model_cls.model_validate({**base.model_dump(exclude_unset=True), **overrides})
             except ValidationError as e:
                 raise _validation_error(e, _loc_to_path(("variants", name, section))) from None
-    for key, values in (g.model_extra or {}).items():
-        _check_extra_axis(spec, key, values)
+    try:
+        search.check(spec, MAX_TRIALS)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
     _check_micro_batches(spec)
     _check_feature_cache(spec)
     _check_scaling(spec)
-    _check_grid_points(spec)
-
-
-def _check_grid_points(spec: SweepSpec) -> None:
-    """At most MAX_TRIALS trials (counted before the grid is expanded), and no two grid
-    points of the same trial name (the name is the trial's folder and Tune's trial)."""
-    axes = grid_axes(spec)
-    n = math.prod(len(v) for v in axes.values())
-    if n > MAX_TRIALS:
-        sizes = " x ".join(f"{len(v)} {k}" for k, v in axes.items() if len(v) > 1)
-        raise SpecError(f"grid: {n} trials ({sizes}) exceed the limit of {MAX_TRIALS}; "
-                        "split the study into several sweeps")
-    seen: dict[str, dict[str, Any]] = {}
-    for point in grid_points(spec):
-        tid = trial_id_for(point)
-        if tid in seen:
-            a, b = seen[tid], point
-            diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-            what = ", ".join(f"{k}: {x!r} and {y!r}" for k, (x, y) in diff.items()) \
-                or "the same values twice"
-            raise SpecError(f"grid: two grid points are both trial {tid!r} ({what}); "
-                            "make the axis values distinct")
-        seen[tid] = point
 
 
 def _check_scaling(spec: SweepSpec) -> None:
@@ -578,25 +574,27 @@ def _check_scaling(spec: SweepSpec) -> None:
 def _check_micro_batches(spec: SweepSpec) -> None:
     """`train.micro_batch_size` (of train, a variant, or a grid axis, which wins) must divide
     every per-worker batch `batch_size / num_workers`."""
-    g, nw = spec.grid, spec.scaling.num_workers
-    axis = (g.model_extra or {}).get("train.micro_batch_size")
-    for v in dict.fromkeys(g.variant):
+    nw = spec.scaling.num_workers
+    axis = "train.micro_batch_size" in (spec.grid.model_extra or {})
+    batches = keyed_values(spec, "batch_size")
+    for v in dict.fromkeys(x for _, x in keyed_values(spec, "variant")):
         over = spec.variants[v].train
-        micros = ([(f"grid.train.micro_batch_size[{i}]", m) for i, m in enumerate(axis)]
-                  if axis is not None else
+        micros = (keyed_values(spec, "train.micro_batch_size") if axis else
                   [(f"variants.{v}.train.micro_batch_size", over["micro_batch_size"])]
                   if "micro_batch_size" in over else
                   [("train.micro_batch_size", spec.train.micro_batch_size)])
-        for (key, m), (i, b) in itertools.product(micros, enumerate(g.batch_size)):
-            if m is not None and (b // nw) % int(m):
-                raise SpecError(f"{key}: {m} does not divide the per-worker batch "
-                                f"grid.batch_size[{i}]={b} / scaling.num_workers={nw} = {b // nw}")
+        for key, m in micros:
+            for bkey, b in batches:
+                if m is not None and (b // nw) % int(m):
+                    raise SpecError(f"{key}: {m} does not divide the per-worker batch "
+                                    f"{bkey}={b} / scaling.num_workers={nw} = {b // nw}")
 
 
 def _check_feature_cache(spec: SweepSpec) -> None:
     """A frozen tower's cached features are of the unaugmented images: a variant that
     freezes the vision tower with `data.cache_features` on cannot also augment."""
-    frozen = [v for v in dict.fromkeys(spec.grid.variant) if spec.variants[v].freeze_vision]
+    frozen = [v for v in dict.fromkeys(x for _, x in keyed_values(spec, "variant"))
+              if spec.variants[v].freeze_vision]
     caches = [v for _, v in setting_values(spec, "data.cache_features")]
     if not frozen or not any(caches):
         return
@@ -608,7 +606,22 @@ def _check_feature_cache(spec: SweepSpec) -> None:
                 "unaugmented); set data.cache_features: false or data.augment: none")
 
 
-def _check_variant_axis(spec: SweepSpec, key: str, values: Any) -> None:
+def _axis_probes(path: str, raw: Any) -> tuple[Any, list[tuple[str, Any]]]:
+    """The parsed axis `raw` and every value it may take that validation tries, each with
+    where it is written: a list's values; a distribution's choices, or its ends and a
+    middle value."""
+    try:
+        axis = search.parse_axis(raw)
+    except ValueError as e:
+        raise SpecError(f"{path}: {e}") from None
+    if isinstance(axis, list):
+        return axis, [(f"{path}[{i}]", v) for i, v in enumerate(axis)]
+    if axis.kind == "choice":
+        return axis, [(f"{path}.choice[{i}]", v) for i, v in enumerate(axis.args)]
+    return axis, [(f"{path}: {axis} draws {v:g}", v) for v in axis.probe_values()]
+
+
+def _check_variant_axis(spec: SweepSpec, key: str, raw: Any) -> None:
     """A grid axis over a key of one variant (`variants.siglip-lora.peft.r`): it changes
     that variant's trials only, so the grid must run that variant alone (beside another
     one it would repeat the other's trials unchanged, once per value)."""
@@ -618,17 +631,17 @@ def _check_variant_axis(spec: SweepSpec, key: str, values: Any) -> None:
         raise SpecError(f"{path}: names no key of a defined variant (defined: "
                         f"{', '.join(sorted(spec.variants))})")
     name, sub = found
-    if not isinstance(values, list) or not values:
-        raise SpecError(f"{path}: must be a non-empty list of values")
-    others = [v for v in dict.fromkeys(spec.grid.variant) if v != name]
-    if name not in spec.grid.variant:
+    _, probes = _axis_probes(path, raw)
+    variants = search.values(spec, "variant") or []
+    others = [v for v in dict.fromkeys(variants) if v != name]
+    if name not in variants:
         raise SpecError(f"{path}: variant {name!r} is not in grid.variant")
     if others:
         raise SpecError(f"{path}: changes variant {name!r} only, but grid.variant also runs "
                         f"{others[0]!r}, whose trials it would repeat unchanged once per "
                         f"value; define one variant per value instead ({name}-a, {name}-b, "
                         f"...) or sweep {name!r} alone")
-    for i, v in enumerate(values):
+    for where, v in probes:
         doc = spec.model_dump(exclude_unset=True)
         doc["grid"] = {k: val for k, val in doc["grid"].items() if "." not in k}
         apply_override(doc["variants"][name], sub, v)
@@ -637,27 +650,31 @@ def _check_variant_axis(spec: SweepSpec, key: str, values: Any) -> None:
             _check_micro_batches(one)
             _check_feature_cache(one)
         except ValidationError as e:
-            raise SpecError(f"{path}[{i}]: {_validation_error(e)}") from None
+            raise SpecError(f"{where}: {_validation_error(e)}") from None
         except SpecError as e:
-            raise SpecError(f"{path}[{i}]: {e}") from None
+            raise SpecError(f"{where}: {e}") from None
 
 
-def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:
+def _check_extra_axis(spec: SweepSpec, key: str, raw: Any) -> None:
+    """A dotted axis addresses a spec key, and every value it may take (a list's values; a
+    distribution's choices, or its ends and a middle value) is valid there."""
     path = _loc_to_path(("grid", key))
     parts = str(key).split(".")
     if parts[0] == "variants":
-        _check_variant_axis(spec, key, values)
+        _check_variant_axis(spec, key, raw)
         return
-    if len(parts) < 2 or parts[0] not in ("model", "train", "eval", "data", "checkpoint"):
+    if len(parts) < 2 or parts[0] not in search.SECTIONS:
         raise SpecError(
             f"{path}: unknown axis (use variant, text_source, batch_size, n_train_classes, "
             "seed, or a dotted path such as train.lr or variants.<name>.peft.r)"
         )
-    if not isinstance(values, list) or not values:
-        raise SpecError(f"{path}: must be a non-empty list of values")
-    for i, v in enumerate(values):
-        doc = spec.model_dump(exclude_unset=True)
-        doc["grid"] = {k: val for k, val in doc["grid"].items() if "." not in k}
+    axis, probes = _axis_probes(path, raw)
+    if parts[0] == "model" and isinstance(axis, Distribution) and axis.finite_values() is None:
+        raise SpecError(f"{path}: {axis} is drawn from a range; a model axis takes a list or "
+                        "a choice (every model is prepared before the sweep)")
+    doc = spec.model_dump(exclude_unset=True)
+    doc["grid"] = {k: val for k, val in doc["grid"].items() if "." not in k}
+    for where, v in probes:
         apply_override(doc, parts, v)
         try:
             SweepSpec.model_validate(doc)
@@ -667,7 +684,7 @@ def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:
             msg = first["msg"].removeprefix("Value error, ")
             if first["type"] == "extra_forbidden":
                 msg = "unknown key"
-            raise SpecError(f"{path}[{i}]: {loc}: {msg}".splitlines()[0]) from None
+            raise SpecError(f"{where}: {loc}: {msg}".splitlines()[0]) from None
 
 
 def spec_fingerprint(spec: SweepSpec) -> str:

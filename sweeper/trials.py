@@ -1,13 +1,13 @@
-"""The trials of a sweep: each grid point applied to the spec (the variant with its own
-axes, its overrides, then the dotted axes), resolved into the `TrialConfig` a trial runs, in
-Tune's grid order.
+"""A trial's config: its point (one value per axis, `sweeper.search`) applied to the spec
+(the variant with its own axes, its overrides, then the dotted axes), resolved into the
+`TrialConfig` it runs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sweeper.grid import grid_points, trial_id_for
+from sweeper import search
 from sweeper.spec import (
     CheckpointSpec,
     DataSpec,
@@ -23,10 +23,12 @@ from sweeper.spec import (
 
 
 def resolve_trial(spec: SweepSpec, point: dict[str, Any],
-                  model_paths: dict[str, str] | None = None) -> TrialConfig:
-    """Apply a grid point (the variant with its own axes, its overrides, then the dotted
-    axes) to the spec; `model_paths` ({model spec JSON: checkpoint directory}, from
-    `sweeper.prepare`) gives `model_path`."""
+                  model_paths: dict[str, str] | None = None,
+                  trial_id: str | None = None) -> TrialConfig:
+    """Apply a point (the variant with its own axes, its overrides, then the dotted axes)
+    to the spec; `model_paths` ({model spec JSON: checkpoint directory}, from
+    `sweeper.prepare`) gives `model_path`. `trial_id`: the trial's name (default: the name
+    of a grid point, `search.trial_name`)."""
     var = _variant(spec, point)
     model = spec.model.model_validate({**spec.model.model_dump(exclude_unset=True), **var.model})
     train = spec.train.model_validate({**spec.train.model_dump(exclude_unset=True), **var.train})
@@ -38,19 +40,16 @@ def resolve_trial(spec: SweepSpec, point: dict[str, Any],
         "checkpoint": spec.checkpoint.model_dump(exclude_unset=True),
     }
     for key, value in point.items():
-        if "." in key and not key.startswith("variants."):
+        if key not in search.NAMED_AXES and not key.startswith("variants."):
             apply_override(sections, key.split("."), value)
     model = ModelSpec.model_validate(sections["model"])
     return TrialConfig(
-        trial_id=trial_id_for(point),
+        trial_id=trial_id or search.trial_name(point),
         experiment=spec.name,
-        variant=point["variant"],
         loss=var.loss,
         freeze_vision=var.freeze_vision,
-        text_source=point["text_source"],
-        batch_size=int(point["batch_size"]),
-        n_train_classes=int(point["n_train_classes"]),
-        seed=int(point["seed"]),
+        # The named axes are the trial's own keys.
+        **{k: point[k] for k in search.NAMED_AXES},
         axes=dict(point),
         model=model,
         model_path=(model_paths or {}).get(model_key(model)),
@@ -84,14 +83,30 @@ def model_key(model: ModelSpec) -> str:
 
 def trial_configs(spec: SweepSpec,
                   model_paths: dict[str, str] | None = None) -> list[TrialConfig]:
-    """Every trial of the sweep, resolved, in grid order."""
-    return [resolve_trial(spec, p, model_paths) for p in grid_points(spec)]
+    """Every trial of a sweep whose trials are known up front (a grid search), resolved,
+    in the order Tune runs them; [] for a sampling search (its trials are proposed as the
+    sweep runs)."""
+    return [resolve_trial(spec, p, model_paths) for p in search.points(spec) or []]
+
+
+def covering_configs(spec: SweepSpec, select: Any,
+                     model_paths: dict[str, str] | None = None) -> list[TrialConfig] | None:
+    """Trial configs that take every combination of the values of the axes `select` picks
+    (`search.covering_points`): what a question about those axes alone needs. None when a
+    picked axis is drawn from a range too large to list."""
+    pts = search.covering_points(spec, select)
+    return None if pts is None else [resolve_trial(spec, p, model_paths) for p in pts]
+
+
+def model_axis(key: str) -> bool:
+    """Axes the model a trial starts from depends on: its variant and `model.*` keys."""
+    return key == "variant" or key.startswith("model.")
 
 
 def sweep_models(spec: SweepSpec) -> list[ModelSpec]:
     """The distinct model specs the sweep's trials start from (variants and grid axes may
-    override `model`)."""
+    override `model`; a model axis always lists its values, so they are all known)."""
     models: dict[str, ModelSpec] = {}
-    for t in trial_configs(spec):
+    for t in covering_configs(spec, model_axis) or []:
         models.setdefault(model_key(t.model), t.model)
     return list(models.values())

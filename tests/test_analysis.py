@@ -34,7 +34,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import analysis
 from analysis import reference
 from analysis.report import main, write_report
-from sweeper.grid import grid_axes
+from sweeper.search import grid_axes
 from sweeper.sink import first_error_line
 from sweeper.spec import spec_fingerprint, validate
 from sweeper.trials import trial_configs

@@ -27,7 +27,7 @@ from analysis.importance import importance
 from analysis.plots import axis_plot, learning_curves, parallel_coordinates
 from analysis.report import write_report
 from analysis.stats import betainc, eta_squared, t_sf2, welch
-from sweeper.grid import grid_axes
+from sweeper.search import grid_axes
 from sweeper.spec import spec_fingerprint, validate
 from sweeper.trials import trial_configs
 from tests.conftest import table_after
