@@ -92,7 +92,7 @@ def pipeline(root: Path, workers: int, batch: int, out: int, epochs: int
     except ImportError:  # older transformers: the PIL processor is the default one
         from transformers import SiglipImageProcessor as proc_cls
     tf = D.ImageTransform.from_processor(proc_cls(size={"height": out, "width": out}))
-    train = D.scan_folder_split(root, "train", None, {})
+    train = D.open_dataset(root).split("train")
     ds = D.ImageTextDataset(train.samples, train.names, tf, ["a photo of the {} ."],
                             "templates", 0, substitute_bad=True)
     sampler = D.GlobalBatchSampler(len(ds), batch, seed=0)

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -181,14 +182,43 @@ class SyntheticSpec(_Strict):
     seed: Int = 0
 
 
+def _filesystem_options(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A `storage_filesystem` / `data.filesystem` mapping: a `type`, and no credentials."""
+    # The spec is copied into sweep.json in the bucket: credentials stay in the
+    # environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) or the cloud's own files.
+    for key in v or {}:
+        if re.search(r"secret|password|token|access_key|credential", str(key), re.I):
+            raise ValueError(f"{key}: credentials do not belong in the spec; set them "
+                             "in the environment (AWS_ACCESS_KEY_ID, ...)")
+    if v is not None and not isinstance(v.get("type"), str):
+        raise ValueError("needs a `type` (s3, gcs, hdfs, local or fsspec)")
+    return v
+
+
+FilesystemOptions = Annotated[dict[str, Any] | None, AfterValidator(_filesystem_options)]
+
+
+def _formats() -> dict[str, Any]:
+    from sweeper.data.formats import FORMATS  # loads the data package: only to validate
+
+    return FORMATS
+
+
 class DataSpec(_Strict):
     """Where the images, class names and captions come from."""
 
     synthetic: SyntheticSpec | None = None
-    root: str | None = None
-    format: Literal["folder", "parquet"] = "folder"
+    root: str | None = None  # a path or a URI (s3://bucket/prefix, gs://...: sweeper.storage)
+    format: str = "folder"  # a name of sweeper.data.formats.FORMATS
+    filesystem: FilesystemOptions = None  # of root, class_names, captions (as storage's)
     class_names: str | None = None
     captions: str | None = None
+    # webdataset: brace-expanded shard lists under root (default train/*.tar, val/*.tar),
+    # the size over which a member is skipped, the shuffle buffer per DataLoader worker
+    train_shards: str | None = Field(None, min_length=1)
+    val_shards: str | None = Field(None, min_length=1)
+    max_member_mb: Float = Field(64.0, gt=0, le=65_536)
+    shuffle_buffer: Int = Field(1000, ge=1, le=1_000_000)
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)
     eval_templates: list[str] | None = None
     class_order: Literal["random", "sorted"] = "random"
@@ -222,10 +252,22 @@ class DataSpec(_Strict):
                                  "{{ and }}") from None
         return v
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in _formats():
+            raise ValueError(f"{v!r} is not one of {', '.join(_formats())}")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
         if (self.synthetic is None) == (self.root is None):
             raise ValueError("give exactly one of data.synthetic or data.root")
+        for name, f in _formats().items():  # keys only another format reads, not left as is
+            for key in sorted(f.keys - _formats()[self.format].keys):
+                if getattr(self, key) != DataSpec.model_fields[key].default:
+                    raise ValueError(f"{key} is read by data.format {name} only, not "
+                                     f"{self.format}")
         return self
 
 
@@ -292,7 +334,7 @@ class SweepSpec(_Strict):
     storage: str = "./results"  # a path, or a URI: s3://bucket/prefix, gs://..., hdfs://...
     # The pyarrow filesystem of `storage`, from options: {type: s3|gcs|hdfs|local|fsspec,
     # ...} (sweeper.storage); default: the one pyarrow resolves from the URI.
-    storage_filesystem: dict[str, Any] | None = None
+    storage_filesystem: FilesystemOptions = None
     model: ModelSpec = ModelSpec()
     variants: dict[str, VariantSpec] = Field(min_length=1)
     data: DataSpec
@@ -305,19 +347,6 @@ class SweepSpec(_Strict):
     loggers: list[Literal["tensorboard", "mlflow", "wandb", "csv", "json"]] = Field(
         default_factory=list
     )
-
-    @field_validator("storage_filesystem")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        # The spec is copied into sweep.json in the bucket: credentials stay in the
-        # environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) or the cloud's own files.
-        for key in v or {}:
-            if re.search(r"secret|password|token|access_key|credential", str(key), re.I):
-                raise ValueError(f"{key}: credentials do not belong in the spec; set them "
-                                 "in the environment (AWS_ACCESS_KEY_ID, ...)")
-        if v is not None and not isinstance(v.get("type"), str):
-            raise ValueError("needs a `type` (s3, gcs, hdfs, local or fsspec)")
-        return v
 
     @field_validator("variants")
     @classmethod
@@ -523,7 +552,8 @@ def _check_cross_fields(spec: SweepSpec) -> None:
                 )
     needs_captions = "captions" in g.text_source or "mixed" in g.text_source
     d = spec.data
-    no_manifest = d.root is not None and d.captions is None and d.format != "parquet"
+    no_manifest = (d.root is not None and d.captions is None
+                   and not _formats()[d.format].captions_inside)
     if needs_captions and no_manifest:
         raise SpecError("data.captions: text_source 'captions' needs a captions manifest")
     retrieval = [k for k, v in setting_values(spec, "eval.retrieval") if v is True]
