@@ -144,7 +144,8 @@ class SplitListing:
     def scan(cls, dataset: D.Dataset | str | Path, split: str) -> SplitListing:
         """The split of `dataset` (a `D.Dataset`, or the root of a folder dataset)."""
         ds = dataset if isinstance(dataset, D.Dataset) else D.open_dataset(dataset)
-        samples = ds.format.scan(ds.files, split, None, {}, ds.spec).samples
+        # The class table (integer labels need it), not the captions: rows are images.
+        samples = ds.format.scan(ds.files, split, ds.table(), D.Captions(), ds.spec).samples
         return cls(ds.root, split, samples, ds.fingerprint(split), ds.reader())
 
     def rows(self, samples: list[D.Sample]) -> np.ndarray:

@@ -50,20 +50,24 @@ def check_loggers(spec: SweepSpec) -> None:
 
 def check_data(spec: SweepSpec) -> None:
     """Refuse a real dataset whose layout, class names, captions or class lists are bad,
-    or that has fewer classes than a grid point trains on (synthetic data is checked by
-    the spec itself)."""
-    if spec.data.synthetic is not None:
-        return
-    train, val = D.check_dataset(spec.data, spec.grid.n_train_classes, spec.grid.text_source)
-    for i, k in enumerate(spec.grid.n_train_classes):
-        if k > len(train.wnids):
-            raise SpecError(f"grid.n_train_classes[{i}]: {k} exceeds the dataset's "
-                            f"{len(train.wnids)} classes")
-    if not any(s.captions for s in val.samples):
-        for key, v in setting_values(spec, "eval.retrieval"):
-            if v is True:
-                raise D.DataError(f"{key}: true, but no val image of "
-                                  f"{spec.data.root} has a caption")
+    that cannot be reached (a bucket), or that has fewer classes than a grid point trains
+    on (synthetic data is checked by the spec itself)."""
+    # Every data section a trial reads: grid axes under `data.` (a format, a root) too.
+    datas = {t.data.model_dump_json(): t.data for t in trial_configs(spec)} \
+        if any(k.startswith("data.") for k in spec.grid.model_extra or {}) else {"": spec.data}
+    for data in datas.values():
+        if data.synthetic is not None:
+            continue
+        train, val = D.check_dataset(data, spec.grid.n_train_classes, spec.grid.text_source)
+        for i, k in enumerate(spec.grid.n_train_classes):
+            if k > len(train.wnids):
+                raise SpecError(f"grid.n_train_classes[{i}]: {k} exceeds the dataset's "
+                                f"{len(train.wnids)} classes")
+        if not any(s.captions for s in val.samples):
+            for key, v in setting_values(spec, "eval.retrieval"):
+                if v is True:
+                    raise D.DataError(f"{key}: true, but no val image of "
+                                      f"{data.root} has a caption")
 
 
 def _json(folder: Path, name: str) -> dict[str, Any]:

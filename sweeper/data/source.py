@@ -246,9 +246,14 @@ class Dataset:
         return train, val
 
     def check_root(self) -> None:
-        """Refuse a root that is missing, unreachable or refused (one line naming it)."""
-        e = self.files.stat(self.files.path())
-        if e is None or not e.is_dir:
+        """Refuse a root that is missing, unreachable or refused (one line naming it). A
+        bucket's root is listed: a listing's error says why (a HEAD's cannot)."""
+        if self.files.remote:
+            found = bool(self.files.entries(self.files.path())[0])
+        else:
+            e = self.files.stat(self.files.path())
+            found = e is not None and e.is_dir
+        if not found:
             raise DataError(f"{self.root}: data root not found")
 
     def fingerprint(self, split: str) -> str:
@@ -261,17 +266,18 @@ class Dataset:
 def _manifest(files: DataSource, p: str | Path | None,
               filesystem: dict[str, Any] | None) -> DataFile | Path | None:
     """A class-names or captions path: a URI; absolute; else relative to the data root
-    when it exists there, else as given (relative to the working directory)."""
+    (a bucket's; a local root's when it exists there, else as given: relative to the
+    working directory)."""
     if not p:
         return None
     if is_uri(p):
         src = data_source(posixpath.dirname(str(p)), filesystem)
         return src.file(src.path(posixpath.basename(str(p))))
     q = Path(p).expanduser()
-    if not q.is_absolute():
-        under = files.file(files.path(q.as_posix()))
-        if under.exists():
-            return under if files.remote else Path(under.path)
+    if not q.is_absolute() and files.remote:
+        return files.file(files.path(q.as_posix()))
+    if not q.is_absolute() and (files.loc.local / q).exists():  # type: ignore[operator]
+        return files.loc.local / q  # type: ignore[operator]
     return q
 
 

@@ -226,7 +226,7 @@ def index_shard(files: Files, shard: Entry, max_bytes: int = READ_CHUNK) -> dict
             samples.append([cur["key"], cur["offset"], cur["end"] - cur["offset"],
                             cur["image"], cur.get("label"), cur["captions"]])
 
-    truncated = None
+    truncated, cut, tar = None, 0, None
     try:
         with files.open(shard.path) as f, _tar(f, 0, shard.size, max_bytes) as tar:
             for m in tar:
@@ -249,12 +249,14 @@ def index_shard(files: Files, shard: Entry, max_bytes: int = READ_CHUNK) -> dict
                 truncated = "no end-of-archive marker"
     except (tarfile.TarError, EOFError) as e:
         truncated = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        cur = None  # its members may be cut: the sample is dropped (and counted)
+        # The sample being read is whole when the stream got past its last member (the
+        # next header was cut or refused); else its members may be cut: dropped, counted.
+        if cur is not None and (tar is None or tar.fileobj.tell() < tar.offset):
+            cur, cut = None, 1
     except OSError as e:
         raise DataError(f"{files.uri(shard.path)}: cannot read shard ({e})") from None
     flush()
-    return {"v": INDEX_VERSION, "samples": samples, "truncated": truncated,
-            "cut": int(truncated is not None and cur is None)}
+    return {"v": INDEX_VERSION, "samples": samples, "truncated": truncated, "cut": cut}
 
 
 def _index_file(files: Files, shard: Entry) -> Path:
