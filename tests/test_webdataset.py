@@ -462,3 +462,68 @@ def test_trials_on_shards_match_folders_and_resume_exactly(
                                      class_names="classes.json"), "templates", 4, 0, TF)
     keys = [td.train.samples[i].id for s in (4, 5, 6) for i in again[s]]  # (shard, offset)
     assert len(keys) == len(set(keys)) == 48
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+def test_image_cache_and_naflex_on_shards(shards: Path, tmp_path: Path,
+                                          siglip2_checkpoints: dict[str, Path]) -> None:
+    """The decode-once store of a split of shards, built by 2 DataLoader workers reading
+    them front to back, holds each image as decoding it gives; SigLIP 2 NaFlex patch
+    sequences come through the streamed loader."""
+    from transformers import AutoProcessor
+
+    from sweeper import cache as C
+
+    dataset = wds(shards)
+    listing = C.SplitListing.scan(dataset, "val")
+    store = C.ensure_image_cache(tmp_path, listing, TF, batch_size=8, num_workers=2)
+    assert store.ok.all() and len(store) == len(listing.samples) == 48
+    ds = D.ImageTextDataset(listing.samples, [], TF, ["{}"], "templates", 0,
+                            reader=listing.reader)
+    for i, raw in listing.reader.stream(listing.samples):
+        with ds.prefetched({i: raw}):
+            assert (store.array[i] == ds.load_uint8(i)).all()
+    # NaFlex: patches, their mask and shapes per image, through the streamed path.
+    ip = AutoProcessor.from_pretrained(siglip2_checkpoints["naflex"]).image_processor
+    train, _ = dataset.load()
+    nds = D.ImageTextDataset(train.samples, train.names, D.image_transform(ip, 9),
+                             ["a {}"], "templates", 0, reader=dataset.reader())
+    batch = next(iter(D.make_loader(nds, D.batch_plan(nds, 8), D.Collate(FakeTokenizer(), 8),
+                                    0)))
+    assert batch["size"] == 8 and batch["pixel_values"].shape[:2] == (8, 9)
+    assert batch["pixel_attention_mask"].shape == (8, 9) and "spatial_shapes" in batch
+
+
+def test_data_wait_is_the_time_blocked_on_the_loader(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog) -> None:
+    """`_DataClock` on a fake clock: each batch takes 2 s to come, each step 8 s, an
+    evaluation 100 s (not loop time): the loop waited 20 % of its time; the epoch's line
+    says so above 10 %."""
+    from types import SimpleNamespace
+
+    import sweeper.worker as worker
+
+    now = [0.0]
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: now[0])
+
+    def loader() -> Any:
+        for b in range(3):
+            now[0] += 2.0
+            yield b
+
+    clock = worker._DataClock()
+    start = clock.mark()
+    for _ in clock.batches(loader()):
+        now[0] += 8.0  # the step
+        clock.pause(lambda: now.__setitem__(0, now[0] + 100.0))  # an evaluation
+    loop_s, waited = clock.since(start)
+    assert (loop_s, waited) == (30.0, 6.0)
+    caplog.set_level(logging.WARNING, logger="sweeper.worker")
+    seq = SimpleNamespace(ctx=SimpleNamespace(rank=0), cfg=SimpleNamespace(trial_id="t"),
+                          st={"epoch": 1})
+    worker._Sequencer._epoch_wait(seq, loop_s, waited)
+    worker._Sequencer._epoch_wait(seq, loop_s, 0.05 * loop_s)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("[t] epoch 1: data_wait_frac 0.20")

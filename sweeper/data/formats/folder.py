@@ -7,6 +7,7 @@ object, read whole by one request when a DataLoader worker decodes it.
 
 from __future__ import annotations
 
+import io
 import logging
 import posixpath
 from collections.abc import Sequence
@@ -76,7 +77,8 @@ def scan_split(files: Files, split: str, table: ClassTable | None, captions: Cap
 
 
 class FolderReader(Reader):
-    """Opens each image file: by its local path (PIL reads it), or as one object."""
+    """Opens each image file: by its local path (PIL reads it), or in a bucket as one
+    object read whole by one request (PIL's small reads would each be a request)."""
 
     def __init__(self, files: Files | None = None) -> None:
         self.files = files
@@ -84,7 +86,8 @@ class FolderReader(Reader):
     def open(self, sample: Sample) -> Any:
         if self.files is None or not self.files.remote:
             return sample.path
-        return self.files.open(sample.path)
+        with self.files.open(sample.path) as f:
+            return io.BytesIO(f.read())
 
     def where(self, sample: Sample) -> str:
         return self.files.uri(sample.path) if self.files is not None else sample.path

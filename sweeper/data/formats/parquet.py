@@ -212,7 +212,8 @@ class ParquetReader(Reader):
         if self.files.remote:  # a key under the root: no absolute path, no `..`
             if p.startswith("/") or ".." in p.split("/"):
                 raise OSError(f"image path {path!r} leaves the data root")
-            return self.files.open(self.files.path(p))
+            with self.files.open(self.files.path(p)) as f:  # one request, not PIL's many
+                return io.BytesIO(f.read())
         full = p if p.startswith("/") else self.files.path(p)
         if not self.files.inside(full):
             raise OSError(f"image path {path!r} leaves the data root")
