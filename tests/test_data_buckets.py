@@ -25,7 +25,7 @@ import yaml
 
 from sweeper import data as D
 from sweeper.data.shard import write_shards
-from sweeper.spec import DataSpec, validate
+from sweeper.spec import DataSpec, SpecError, validate
 from sweeper.synthetic import dataset_dir
 from tests.conftest import SYNTH, S3Server, base_doc, free_port
 from tests.test_data import TF, FakeTokenizer, one_line
@@ -149,6 +149,9 @@ def test_bucket_refusals_name_the_uri(s3: S3Server, bucket_data: str, auth_s3: d
     with pytest.raises(D.DataError) as e:
         D.dataset_of(spec(bucket_data, "folder", filesystem=down)).load()
     assert one_line(e).startswith(f"{bucket_data}: cannot reach the endpoint")
+    with pytest.raises(SpecError, match=r"^data\.filesystem: secret_key: credentials do not"):
+        validate(base_doc(tmp_path, data={"root": bucket_data, "filesystem": {
+            "type": "s3", "secret_key": "x"}}))
     # Refused credentials, through the command line: exit 2 and one line, dry run or not.
     server, bucket = auth_s3["server"], auth_s3["bucket"]
     doc = base_doc(tmp_path)

@@ -356,6 +356,29 @@ def test_huge_extended_header_ends_the_shard(tmp_path: Path) -> None:
     assert "extended header" in idx["truncated"]
 
 
+def test_member_names_are_never_paths(tmp_path: Path) -> None:
+    """Members named like paths out of the root (`..`, absolute) are keys: the shard is
+    indexed and read, nothing lands on disk, and nothing in sweeper extracts a tar."""
+    root = tmp_path / "wds"
+    (root / "train").mkdir(parents=True)
+    img = jpeg_bytes((9, 9, 9))
+    escape = tmp_path / "escaped"
+    _tar(root / "train" / "a.tar", [*_sample("../../escaped/k0", 0, img),
+                                    *_sample(f"{escape}/k1", 0, img)])
+    before = sorted(tmp_path.rglob("*"))
+    spec = DataSpec(root=str(root), format="webdataset")
+    files = D.open_dataset(root, "webdataset", spec=spec).files
+    shard = W.shard_entries(files, "train", spec)[0]
+    idx = W.index_shard(files, shard)
+    assert [s[0] for s in idx["samples"]] == ["../../escaped/k0", f"{escape}/k1"]
+    samples = [D.Sample(shard.path, 0, (), (o, n)) for _, o, n, *_ in idx["samples"]]
+    assert [b for _, b in W.WebDatasetReader(files).stream(samples)] == [img, img]
+    assert sorted(tmp_path.rglob("*")) == before and not escape.exists()
+    calls = [n.func.attr for p in PKG.rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    assert not {"extract", "extractall"} & set(calls)
+
+
 def test_refusals_name_the_shard(shards: Path, tmp_path: Path) -> None:
     with pytest.raises(D.DataError) as e:
         wds(shards, train_shards="train/train-{000000..000009}.tar").load()
