@@ -202,7 +202,8 @@ def format_figures(root: Path, bare_cpu_ms: float, bare: float, batch: int, out:
                     print(f"{name}_data_wait_frac_w{w}: {wait:.3f}")
                     print(f"{name}_images_per_s_w{w}: {rate:.1f}")
                 if where == "s3":
-                    n = 2 * len(workers) * len(dataset.split("train").samples)
+                    per_epoch = len(dataset.split("train").samples) // batch * batch
+                    n = 2 * len(workers) * per_epoch  # a warm-up and a timed epoch each
                     print(f"{name}_requests_per_image: {(_gets(server, bucket) - gets0) / n:.4f}")
     finally:
         for k, v in saved.items():
