@@ -14,7 +14,6 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 MAX_CAPTION_CHARS = 1000  # longer captions are truncated (and counted) when read
 MAX_MANIFEST_LINE = 64 << 20  # a longer JSONL line is dropped (and counted), never parsed
 ROW_GROUP_CACHE = 4  # Parquet row groups kept decoded-from-disk per DataLoader worker
-MAX_MEMBER_MB = 64.0  # default `data.max_member_mb`: a larger WebDataset member is skipped
 
 
 class DataError(ValueError):

@@ -35,11 +35,12 @@ import re
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from sweeper import synthetic
-from sweeper.data.base import MAX_CAPTION_CHARS, MAX_MEMBER_MB, DataError, DataSplit, Sample
+from sweeper.data.base import MAX_CAPTION_CHARS, DataError, DataSplit, Sample
 from sweeper.data.formats.base import Entry, Files, Format, Reader
 from sweeper.data.manifests import Captions, ClassTable, LabelNamer, captions_of
 
@@ -47,9 +48,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = frozenset({"jpg", "jpeg", "png", "webp"})
 META_MEMBERS = frozenset({"cls", "json", "txt"})
+MAX_MEMBER_MB = 64.0  # default `data.max_member_mb`: a larger member is skipped, unread
 MAX_META_BYTES = 1 << 20  # a larger .cls/.json/.txt member (or extended header) is not read
 READ_CHUNK = 32 << 20  # bytes per ranged request; also the memory one open shard holds
 MAX_SHARDS = 1_000_000  # a brace pattern expanding to more is refused
+INDEX_THREADS = 8  # shards indexed at once
 INDEX_VERSION = 1
 _WARNED: set[str] = set()
 
@@ -298,8 +301,11 @@ def scan_split(files: Files, split: str, table: ClassTable | None, captions: Cap
     namer = LabelNamer(table)
     rows: list[tuple[str, int, int, Any, tuple[str, ...]]] = []
     skipped = {"no image": 0, "no label": 0, "over max_member_mb": 0, "cut short": 0}
-    for shard in shard_entries(files, split, spec):
-        idx = shard_index(files, shard, max_bytes)
+    shards = shard_entries(files, split, spec)
+    # Shards not indexed on this node yet are read a few at a time (mostly waiting on I/O).
+    with ThreadPoolExecutor(min(INDEX_THREADS, len(shards))) as pool:
+        indexes = list(pool.map(lambda e: shard_index(files, e, max_bytes), shards))
+    for shard, idx in zip(shards, indexes, strict=True):
         where = files.uri(shard.path)
         if idx["truncated"]:
             _warn_once(f"{where}", "%s: truncated or corrupt shard (%s): the samples before "
