@@ -1,4 +1,4 @@
-"""The course report's figures, transcribed from `shared/reference/experiments.md`.
+"""The course report's figures, as `docs/studies.md` gives them.
 
 Every study is a one-axis table of zero-shot val top-1 (in percent, as printed in the
 report) for one model kind, with the other axes fixed. `lookup` answers "which study
@@ -33,6 +33,10 @@ from typing import Any
 
 # The checkpoint every study of the course report fine-tuned.
 MODEL = "google/siglip-base-patch16-224"
+# What "the course report" is, in the words the sweep report uses wherever it names it.
+SOURCE = ("the course report (a report for a course on multimodal representations that "
+          "fine-tuned SigLIP and SigLiT on ImageNet; its studies and figures: "
+          "`docs/studies.md`)")
 # What "the same architecture" means for a local directory: its config.json says so.
 _ARCHITECTURE = {"model_type": "siglip", "hidden_size": 768, "patch_size": 16, "image_size": 224}
 
@@ -220,11 +224,11 @@ def why_not(pretrained: Iterable[Any], synthetic: Iterable[Any]) -> str:
         else:
             where = "data of unknown origin"
         return (
-            f"No reference figures apply: the course report fine-tuned `{MODEL}` on real "
-            f"ImageNet images; this sweep fine-tunes {ours or 'an unknown model'} on {where}."
+            f"No reference figures apply: {SOURCE} fine-tuned `{MODEL}` on real ImageNet "
+            f"images; this sweep fine-tunes {ours or 'an unknown model'} on {where}."
         )
     return (
-        "No reference figures apply: no table of this sweep reproduces one of the course "
-        "report's studies (a sigmoid-loss variant against batch size, training classes or "
-        "text source, the other axes at the study's values)."
+        "No reference figures apply: no table of this sweep reproduces one of the studies of "
+        f"{SOURCE}: a sigmoid-loss variant against batch size, training classes or text "
+        "source, the other axes at the study's values."
     )

@@ -44,8 +44,8 @@ _TIE_LEGEND = (
     "tested, and no correction is made for testing several cells."
 )
 _REFERENCE_NOTE = (
-    "Columns marked *(reference)* are the course report's single-run figures "
-    "(`analysis/reference.py`, from `experiments.md`), shown where our table reproduces "
+    f"Columns marked *(reference)* are the single-run figures of {reference.SOURCE} "
+    "(`analysis/reference.py`), shown where our table reproduces "
     f"one of its studies: the same model (`{reference.MODEL}` or a local SigLIP of its "
     "architecture), real data, and the study's axes. A variant is matched by its loss and "
     "frozen vision tower (sigmoid = SigLIP, sigmoid + frozen vision = SigLiT), not by its name."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,12 @@ def run_cli(spec_path: Path, cache_dir: Path, *extra: str, timeout: int = 600):
     )
 
 
-@pytest.mark.slow
-def test_two_trial_sweep_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def two_trial_sweep(
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
+) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """A real 2-trial sweep through the CLI: (its spec, its storage folder, the run)."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
     doc = base_doc(tmp_path)
     doc["grid"]["variant"] = ["siglip", "siglit"]
     doc["scaling"]["max_concurrent_trials"] = 2
@@ -40,7 +45,14 @@ def test_two_trial_sweep_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     doc["checkpoint"] = {"keep": 1, "upload": "async"}
     spec = tmp_path / "two.yaml"
     spec.write_text(yaml.safe_dump(doc))
-    r = run_cli(spec, cache_dir)
+    return spec, tmp_path, run_cli(spec, cache_dir)
+
+
+@pytest.mark.slow
+def test_two_trial_sweep_end_to_end(
+    two_trial_sweep: tuple[Path, Path, subprocess.CompletedProcess], cache_dir: Path
+) -> None:
+    spec, tmp_path, r = two_trial_sweep
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     console = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     for noise in NOISE:
@@ -81,3 +93,39 @@ def test_two_trial_sweep_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     assert "View detailed results here" not in r.stdout
     assert (exp / "trials" / trials["trial_id"][0] / "history.jsonl").read_text() == before
     assert len(pd.read_parquet(exp / "trials.parquet")) == 2
+
+
+@pytest.mark.slow
+def test_notebook_from_the_repository_root(
+    two_trial_sweep: tuple[Path, Path, subprocess.CompletedProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The documented command, `SWEEPER_EXPERIMENT=results/NAME jupyter execute
+    analysis/explore.ipynb` from the repository root, on a real sweep: the kernel runs in
+    analysis/ (as Jupyter runs it) and still finds `results/NAME` from the root."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    _, tmp_path, r = two_trial_sweep
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = ROOT / "results"  # ignored by git; the quickstart's storage
+    made = not results.exists()
+    results.mkdir(exist_ok=True)
+    name = f"notebook-test-{os.getpid()}"
+    (results / name).symlink_to(tmp_path / "results" / "t", target_is_directory=True)
+    monkeypatch.setenv("SWEEPER_EXPERIMENT", f"results/{name}")
+    monkeypatch.setenv("PWD", str(ROOT))  # what the shell at the root sets; the kernel inherits
+    nb = nbformat.read(ROOT / "analysis" / "explore.ipynb", as_version=4)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT / "analysis")}}).execute()
+    finally:
+        (results / name).unlink()
+        if made:
+            results.rmdir()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"experiment: {ROOT / 'results' / name}\n" in printed
+    text = json.dumps([o.get("data", o.get("text", "")) for o in outputs])
+    assert "siglip-templates-bs16-k4-s0" in text and "siglit-templates-bs16-k4-s0" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)

@@ -32,6 +32,7 @@ from sweeper.spec import spec_fingerprint, validate
 from sweeper.trials import trial_configs
 from tests.conftest import table_after
 
+ROOT = Path(__file__).resolve().parents[1]
 ZERO_SHOT = 0.25
 WALL_S = 36.0
 ERROR = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -164,10 +165,12 @@ def test_no_reference_for_tiny_on_synthetic_data(tmp_path: Path) -> None:
     assert "reference" not in " ".join(table_after(report, "## Val top-1 by batch size")[0])
     assert "(reference)" not in report
     assert (
-        "No reference figures apply: the course report fine-tuned "
-        "`google/siglip-base-patch16-224` on real ImageNet images; this sweep fine-tunes "
-        "`tiny` on synthetic data."
+        "No reference figures apply: the course report (a report for a course on multimodal "
+        "representations that fine-tuned SigLIP and SigLiT on ImageNet; its studies and "
+        "figures: `docs/studies.md`) fine-tuned `google/siglip-base-patch16-224` on real "
+        "ImageNet images; this sweep fine-tunes `tiny` on synthetic data."
     ) in report.splitlines()
+    assert (ROOT / "docs" / "studies.md").is_file()  # where the report sends its reader
     trials = pq.read_table(exp / "trials.parquet").to_pandas()
     assert trials["synthetic_data"].all()
 

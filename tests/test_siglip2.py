@@ -243,7 +243,8 @@ def test_naflex_micro_batches_equal_one_pass(loss: str, frozen: bool,
 
 def test_tiny_siglip2_preset_is_built_and_pretrained_offline(cache_dir: Path) -> None:
     """`model.pretrained: tiny-siglip2` resolves to a SigLIP 2 NaFlex checkpoint pretrained
-    here (a one-epoch recipe of 2 steps: how well the default recipe learns is in the README)."""
+    here (a one-epoch recipe of 2 steps: how well the default recipe learns is in
+    docs/models.md)."""
     from sweeper.prepare import resolve_checkpoint
     from sweeper.spec import ModelSpec, TinyModelSpec
     from tests.conftest import TINY

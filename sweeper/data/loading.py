@@ -386,7 +386,7 @@ def loader_workers(num_workers: int | str, cpus: float) -> int:
     """`data.num_workers` as a count: as written, or for `auto` the CPUs the trial worker
     reserves (`scaling.resources_per_worker.CPU`) less the one its training loop uses,
     and at least 1, so that decoding always overlaps the step (a GPU worker that names no
-    CPU reserves none: name them, see the README's GPU advice)."""
+    CPU reserves none: name them, see docs/gpu.md)."""
     if num_workers != "auto":
         return int(num_workers)
     return max(1, min(MAX_LOADER_WORKERS, math.floor(cpus + 1e-9) - 1))
