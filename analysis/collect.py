@@ -25,7 +25,7 @@ from sweeper.sink import HISTORY_KEYS, first_error_line
 SCHEMA_VERSION = "1"
 NAMED_AXES = ("variant", "text_source", "batch_size", "n_train_classes", "seed")
 # Dotted grid axes must start with one of these spec sections (see sweeper.spec).
-EXTRA_AXIS_SECTIONS = ("model", "train", "eval", "data", "checkpoint")
+EXTRA_AXIS_SECTIONS = ("model", "train", "eval", "data", "checkpoint", "variants")
 # Evaluation metrics beside top-1 (sweeper.evaluation): mean per-class recall, and the
 # image-text retrieval recalls (present when the trial's val images have captions).
 EVAL_METRICS = (
@@ -76,6 +76,14 @@ _TRIAL_TAIL: tuple[tuple[str, pa.DataType], ...] = (
     ("same_class_pairs", pa.string()),
     ("micro_batch_size", pa.int64()),
     ("gradient_checkpointing", pa.bool_()),
+    ("peft_method", pa.string()),
+    ("lora_r", pa.int64()),
+    ("lora_alpha", pa.float64()),
+    ("lora_dropout", pa.float64()),
+    ("lora_targets", pa.string()),
+    ("lora_towers", pa.string()),
+    ("trainable_params", pa.int64()),
+    ("total_params", pa.int64()),
     ("num_workers", pa.int64()),
     ("use_gpu", pa.bool_()),
     ("pretrained", pa.string()),
@@ -467,6 +475,20 @@ def device_hours(
     return workers * (share if share else 1.0) * wall / 3600.0
 
 
+def _peft_columns(peft: Any) -> dict[str, Any]:
+    """The LoRA settings of a trial's resolved `peft` (all null for full fine-tuning):
+    targets as the spec names them (a preset, or module names joined with `,`)."""
+    peft = peft if isinstance(peft, dict) else {}
+
+    def joined(v: Any) -> Any:
+        return ",".join(map(str, v)) if isinstance(v, list) else v
+
+    return {"peft_method": peft.get("method"), "lora_r": peft.get("r"),
+            "lora_alpha": peft.get("alpha"), "lora_dropout": peft.get("dropout"),
+            "lora_targets": joined(peft.get("target_modules")),
+            "lora_towers": joined(peft.get("towers"))}
+
+
 def _trial_row(rec: TrialRecord, exp: Experiment) -> dict[str, Any]:
     cfg = rec.config
     train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
@@ -526,6 +548,9 @@ def _trial_row(rec: TrialRecord, exp: Experiment) -> dict[str, Any]:
         "same_class_pairs": train.get("same_class_pairs"),
         "micro_batch_size": train.get("micro_batch_size"),
         "gradient_checkpointing": train.get("gradient_checkpointing"),
+        **_peft_columns(cfg.get("peft")),
+        "trainable_params": st.get("trainable_params"),
+        "total_params": st.get("total_params"),
         "num_workers": scaling.get("num_workers"),
         "use_gpu": scaling.get("use_gpu"),
         "pretrained": model.get("pretrained"),

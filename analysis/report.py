@@ -81,6 +81,7 @@ def _header(exp: Experiment, trials: pd.DataFrame) -> list[str]:
     micro = _micro_batched(trials)
     if micro:
         lines.append(f"- {micro}")
+    lines += [f"- {line}" for line in _adapters(trials)]
     return [*lines, "", _CONVENTIONS, ""]
 
 
@@ -97,6 +98,24 @@ def _micro_batched(trials: pd.DataFrame) -> str | None:
     return (f"micro-batched: {len(split)} of {len(trials)} trials (`train.micro_batch_size` "
             f"{T.fmt_values(split)}; the same loss over the global batch and the same "
             "updates as one pass, one forward more)")
+
+
+def _adapters(trials: pd.DataFrame) -> list[str]:
+    """One line per variant trained with LoRA adapters: rank, alpha, targets, towers and
+    the share of the parameters trained; and the share full fine-tuning trains."""
+    if "peft_method" not in trials:
+        return []
+    lines = []
+    cols = ["variant", "lora_r", "lora_alpha", "lora_targets", "lora_towers"]
+    lora = trials[trials["peft_method"].notna()]
+    for key, g in lora.groupby(cols, dropna=False, sort=True):
+        variant, r, alpha, targets, towers = (T.py(v) for v in key)
+        share = (g["trainable_params"] / g["total_params"]).dropna()
+        trained = f"; {100 * share.iloc[0]:.2g}% of the parameters trained" if len(share) else ""
+        lines.append(f"LoRA (Hugging Face peft) in variant `{variant}`: rank "
+                     f"{T.fmt_value(r)}, alpha {T.fmt_value(alpha)}, targets `{targets}` "
+                     f"on the {str(towers).replace(',', ' and ')} tower(s){trained}")
+    return lines
 
 
 def _hours(h: float) -> str:

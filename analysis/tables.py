@@ -328,6 +328,8 @@ def finished(trials: pd.DataFrame) -> pd.DataFrame:
 def variant_kind(trials: pd.DataFrame, variant: Any) -> str | None:
     """Which reference model (`siglip`, `siglit`) a variant reproduces, if any."""
     rows = trials[mask(trials, {"variant": variant})]
+    if any(py(v) is not None for v in rows.get("peft_method", [])):
+        return None  # LoRA reproduces neither: both references train every weight they train
     loss = next((py(v) for v in rows.get("loss", []) if py(v) is not None), None)
     frozen = next((py(v) for v in rows.get("freeze_vision", []) if py(v) is not None), None)
     return reference.model_kind(loss, frozen)

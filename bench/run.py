@@ -36,6 +36,7 @@ BENCHES = [
     ("large_batch", "large_batch.py"),
     ("loader_feed", "loader_feed.py"),
     ("checkpoint_size", "checkpoint_size.py"),
+    ("lora", "lora.py"),
     ("processor_parity", "processor_parity.py"),
     ("loss_ring_vs_allgather", "loss_ring_vs_allgather.py"),
     ("data_pipeline", "data_pipeline.py"),
@@ -72,6 +73,10 @@ HEADLINE = [
     ("large_batch_micro_growth_4x", "about 1", None, None),
     ("large_batch_time_ratio", "<= 1.4", None, None),
     ("large_batch_time_ratio_cpu", "<= 1.4", None, None),
+    ("lora_r8_attention_memory_ratio", "(LoRA / full: step peak + AdamW state)", None, None),
+    ("lora_r8_attention_time_ratio", "(LoRA / full: time per sample)", None, None),
+    ("lora_r8_attention_ckpt_ratio", "(LoRA / full: checkpoint bytes)", None, None),
+    ("lora_b16_r8_attention_ckpt_mb", "(MB per SigLIP-B/16 checkpoint)", None, None),
 ]
 LINE = re.compile(r"^([A-Za-z0-9_.\-]+): (.+)$")
 START = "<!-- figures:start -->"

@@ -1,13 +1,15 @@
 """Trial checkpoints (what a resume needs to continue exactly) and the final model.
 
-A checkpoint is a folder of two files: `state.pt` (the trainable weights in float32, the
-scheduler, the loop state and the RNG states) and `optimizer.pt` (AdamW's two moments per
-trainable weight: twice the weights' bytes). A resume needs both; a checkpoint kept only
-for its weights (the best of a trial) does not need the second, so the orchestration
-deletes it from every checkpoint but the latest (`strip_optimizer`), and prunes a finished
-trial's checkpoints to the best `checkpoint.keep` (`prune_plan`). The final model is
-Hugging Face's `save_pretrained` output. Never imports Ray: the worker loop hands the
-checkpoint folder to `ctx.report`.
+A checkpoint is a folder of two files: `state.pt` (the weights that train, in float32: all
+of them in full fine-tuning, the text tower's under a frozen vision tower, with LoRA the
+adapters, temperature and bias alone; the scheduler, the loop state and the RNG states)
+and `optimizer.pt` (AdamW's two moments per trainable weight: twice the weights' bytes). A
+resume needs both; a checkpoint kept only for its weights (the best of a trial) does not
+need the second, so the orchestration deletes it from every checkpoint but the latest
+(`strip_optimizer`), and prunes a finished trial's checkpoints to the best
+`checkpoint.keep` (`prune_plan`). The final model is Hugging Face's `save_pretrained`
+output (with LoRA: merged, the adapter beside it). Never imports Ray: the worker loop hands
+the checkpoint folder to `ctx.report`.
 """
 
 from __future__ import annotations
@@ -16,24 +18,30 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sweeper import adapters
 from sweeper.experiment import storage_is_remote
 from sweeper.models import DualEncoder
 
 log = logging.getLogger(__name__)
 
 STATE, OPTIMIZER = "state.pt", "optimizer.pt"
+FINAL_ADAPTER = "final_adapter"  # beside final_model/: a LoRA trial's adapter, peft's format
 
 
 def _trainable_state(enc: DualEncoder) -> dict[str, torch.Tensor]:
-    """What changes during training: a frozen vision tower is not saved again."""
+    """What changes during training: the whole model in full fine-tuning, else the weights
+    that train alone (a frozen vision tower is the pretrained one; with LoRA adapters, the
+    adapters, the temperature and the bias)."""
     names = {n for n, p in enc.named_parameters() if p.requires_grad}
-    return {k: v.detach() for k, v in enc.state_dict().items()
-            if k in names or not enc.freeze_vision}
+    partial = enc.freeze_vision or any(
+        not p.requires_grad for n, p in enc.named_parameters() if enc.tower_of(n) != "logit")
+    return {k: v.detach() for k, v in enc.state_dict().items() if k in names or not partial}
 
 
 def save_checkpoint(path: Path, enc: DualEncoder, optimizer: Any, scheduler: Any,
@@ -160,15 +168,25 @@ def prune_finished(entries: list[tuple[Any, dict[str, Any]]], keep: int) -> int:
     return len(dropped)
 
 
-def save_final_model(out: Path, model: Any, processor: Any) -> None:
+def save_final_model(out: Path, model: Any, processor: Any, adapted: Any = None) -> None:
     """`save_pretrained` of the model and processor into `out` (loadable with
     `AutoModel`/`AutoProcessor.from_pretrained`), written beside it and renamed into place
-    so that a reader never sees half a model."""
+    so that a reader never sees half a model. With LoRA adapters (`adapted`, the
+    `PeftModel` around `model`), the adapter in peft's format goes to `FINAL_ADAPTER`
+    beside `out` first, then `out` holds the model with the adapters merged in
+    (`adapters.save`: the adapters are merged into `model` in place)."""
+    if adapted is not None:
+        model = _write_dir(out.parent / FINAL_ADAPTER, lambda d: adapters.save(adapted, d))
+    _write_dir(out, lambda d: (model.save_pretrained(d), processor.save_pretrained(d)))
+
+
+def _write_dir(out: Path, write: Callable[[Path], Any]) -> Any:
+    """`write(folder)` into a new folder beside `out`, then renamed into place; returns
+    what `write` returns."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        result = write(tmp)
         tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
@@ -176,3 +194,4 @@ def save_final_model(out: Path, model: Any, processor: Any) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return result

@@ -2,19 +2,19 @@
 
 `load_pretrained(path)` loads a checkpoint directory through `AutoModel.from_pretrained` /
 `AutoProcessor.from_pretrained`. `sweeper.prepare` resolves `model.pretrained` to such a
-directory once, before trials launch: the presets are built here (`build_tiny`,
-`build_tiny_clip`, `build_tiny_siglip2`) and pretrained once on synthetic data by
-`sweeper.pretrain`, cached by their config `model.tiny`: `tiny` is a small SigLIP,
-`tiny-clip` a CLIP of the same shape (both with a word-level tokenizer), `tiny-siglip2` a
-SigLIP 2 NaFlex with a Gemma-style BPE tokenizer. What differs between the families is in
-`sweeper.families`, the only other module of sweeper imported here.
+directory once, before trials launch: the presets are built by their family
+(`Family.build`, here also `build_tiny`, `build_tiny_clip`, `build_tiny_siglip2`) and
+pretrained once on synthetic data by `sweeper.pretrain`, cached by their config
+`model.tiny`: `tiny` is a small SigLIP, `tiny-clip` a CLIP of the same shape (both with a
+word-level tokenizer), `tiny-siglip2` a SigLIP 2 NaFlex with a Gemma-style BPE tokenizer.
+What differs between the families is in `sweeper.families`; the presets' builders are in
+`sweeper.presets`, the only other modules of sweeper imported here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,151 +22,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from sweeper.families import FAMILIES, IMAGE_KEYS, ModelError, family_of, prepare_tokenizer
+from sweeper.families import (
+    FAMILIES,
+    IMAGE_KEYS,
+    PRESETS,
+    ModelError,
+    family_of,
+    family_of_model,
+    prepare_tokenizer,
+)
+from sweeper.presets import gemma_style_bpe
 
-__all__ = ["ModelError"]  # defined with the families; raised by the loaders here
+# Defined with the families and presets; raised or used by the loaders here.
+__all__ = ["PRESETS", "ModelError", "gemma_style_bpe"]
 
-SIGLIP_INIT_SCALE = math.log(10.0)
-SIGLIP_INIT_BIAS = -10.0
-# `model.pretrained` -> architecture (model type) of the offline presets.
-PRESETS = {"tiny": "siglip", "tiny-clip": "clip", "tiny-siglip2": "siglip2"}
-GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0-4, as in Gemma
-
-
-def _word_tokenizer(vocab: list[str], max_length: int, bos: str | None, eos: str,
-                    template: str) -> Any:
-    """A lower-casing word-level fast tokenizer: ids `<pad>` = 0, `<unk>` = 1, then `bos`
-    (if any), `eos`, then `vocab`; `template` (TemplateProcessing syntax) adds bos/eos."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", *([bos] if bos else []), eos]
-    table = {w: i for i, w in enumerate(specials + [w for w in vocab if w not in specials])}
-    tok = Tokenizer(WordLevel(table, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tok.post_processor = TemplateProcessing(
-        single=template, special_tokens=[(t, table[t]) for t in specials[2:]])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token=eos, model_max_length=max_length,
-                                   **({"bos_token": bos} if bos else {}))
-
-
-def _tower_sizes(tiny: Any) -> dict[str, int]:
-    h = tiny.hidden_size
-    return dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=tiny.num_layers,
-                num_attention_heads=tiny.num_heads)
-
-
-def build_tiny(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
-    """A freshly initialised tiny SigLIP and its processor (word-level tokenizer).
-
-    Temperature and bias start at the paper's init (log 10, -10): Hugging Face's fresh
-    SiglipModel sets both to 0, from which a small model learns nothing in a few epochs.
-    """
-    from transformers import SiglipConfig, SiglipModel, SiglipProcessor
-
-    tokenizer = _word_tokenizer(vocab, tiny.max_length, None, "</s>", "$A </s>")
-    size = tiny.image_size
-    image_processor = _pil_processor_class("SiglipImageProcessor")(
-        size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-    processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    config = SiglipConfig(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=tiny.max_length,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=2, **_tower_sizes(tiny)),
-        vision_config=dict(image_size=size, patch_size=tiny.patch_size, **_tower_sizes(tiny)),
-    )
-    return _sigmoid_init(SiglipModel, config, tiny.seed), processor
-
-
-def _sigmoid_init(model_class: Any, config: Any, seed: int) -> Any:
-    """A fresh `model_class(config)` (seeded) with the SigLIP paper's temperature and bias."""
-    torch.manual_seed(seed)
-    model = model_class(config)
-    with torch.no_grad():
-        model.logit_scale.fill_(SIGLIP_INIT_SCALE)
-        model.logit_bias.fill_(SIGLIP_INIT_BIAS)
-    return model
-
-
-def build_tiny_clip(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
-    """A freshly initialised tiny CLIP and its processor, laid out like the hub's CLIP
-    checkpoints: start/end-of-text tokens around the text (the text tower pools the first
-    end-of-text token, so padding is masked and never pooled), a `CLIPImageProcessor`
-    resizing the shortest edge then centre-cropping, the OpenAI mean/std, and CLIP's own
-    temperature init (1/0.07) and no bias.
-    """
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
-    tokenizer = _word_tokenizer(vocab, tiny.max_length, "<|startoftext|>", "<|endoftext|>",
-                                "<|startoftext|> $A <|endoftext|>")
-    size = tiny.image_size
-    image_processor = _pil_processor_class("CLIPImageProcessor")(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        do_center_crop=True)
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    # eos_token_id must not be 2: HF's CLIP reads 2 as the original checkpoints' marker and
-    # then pools at the highest token id (the original vocabulary's end-of-text) instead.
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=tiny.max_length,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3, **_tower_sizes(tiny)),
-        vision_config=dict(image_size=size, patch_size=tiny.patch_size, **_tower_sizes(tiny)),
-        projection_dim=tiny.hidden_size,
-    )
-    torch.manual_seed(tiny.seed)
-    return CLIPModel(config), processor
-
-
-def gemma_style_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges) of a small BPE laid out like Gemma's (specials `<pad>` = 0, `<eos>`,
-    `<bos>`, `<unk>`, `<mask>`; `▁` marks a space), trained so that each of `words`, with
-    or without a leading space, is one token: what `GemmaTokenizer` / `Siglip2Tokenizer`
-    take as `vocab` and `merges`."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-
-    tok = Tokenizer(BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    # Learn merges within words only (Gemma's tokenizer never splits its input).
-    tok.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
-    trainer = trainers.BpeTrainer(vocab_size=50_000, special_tokens=list(GEMMA_SPECIALS),
-                                  show_progress=False)
-    tok.train_from_iterator([" ".join(words), *words], trainer)
-    model = json.loads(tok.to_str())["model"]
-    return model["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-                            for m in model["merges"]]
-
-
-def build_tiny_siglip2(tiny: Any, vocab: list[str]) -> tuple[Any, Any]:
-    """A freshly initialised tiny SigLIP 2 NaFlex and its processor: a `Siglip2Model`, a
-    `Siglip2ImageProcessor` whose patch budget covers a square `image_size` image, and a
-    `Siglip2Tokenizer` (Gemma-style BPE, lower-casing) that appends end-of-sequence and pads
-    on the right. Temperature and bias at the paper's init, as `build_tiny`."""
-    from transformers import Siglip2Config, Siglip2Model, Siglip2Processor, Siglip2Tokenizer
-
-    words, merges = gemma_style_bpe(vocab)
-    tokenizer = Siglip2Tokenizer(vocab=words, merges=merges, add_bos_token=False,
-                                 add_eos_token=True, padding_side="right",
-                                 model_max_length=tiny.max_length)
-    n_patches = (tiny.image_size // tiny.patch_size) ** 2
-    image_processor = _pil_processor_class("Siglip2ImageProcessor")(
-        patch_size=tiny.patch_size, max_num_patches=n_patches)
-    processor = Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
-    config = Siglip2Config(
-        text_config=dict(vocab_size=len(words), max_position_embeddings=tiny.max_length,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2, **_tower_sizes(tiny)),
-        vision_config=dict(patch_size=tiny.patch_size, num_patches=n_patches,
-                           **_tower_sizes(tiny)),
-    )
-    return _sigmoid_init(Siglip2Model, config, tiny.seed), processor
-
-
-BUILDERS = {"siglip": build_tiny, "clip": build_tiny_clip, "siglip2": build_tiny_siglip2}
+# The presets' builders, by the names the benchmarks and tests know them.
+build_tiny = FAMILIES["siglip"].build
+build_tiny_clip = FAMILIES["clip"].build
+build_tiny_siglip2 = FAMILIES["siglip2"].build
 
 
 def local_checkpoint(name: str) -> str:
@@ -247,14 +120,6 @@ def hub_snapshot(name: str) -> str:
 IMAGE_BACKEND = "pil"
 
 
-def _pil_processor_class(name: str) -> Any:
-    """transformers' PIL-backed image processor `name` (`SiglipImageProcessorPil`), or the
-    plain class on a transformers without the split backends."""
-    import transformers
-
-    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
-
-
 def is_pil_backend(image_processor: Any) -> bool:
     """Whether an image processor resizes with PIL (not torchvision tensors)."""
     names = [c.__name__ for c in type(image_processor).__mro__]
@@ -285,10 +150,12 @@ def load_pretrained(path: str | Path, trust_remote_code: bool = False) -> tuple[
         hint = " (HF_HUB_OFFLINE=1)" if offline else " (hub unreachable or no such model?)"
         raise ModelError(f"model.pretrained: cannot load {path!r}{hint}: "
                          f"{str(e).splitlines()[0]}") from None
-    if getattr(model, "logit_bias", None) is None and Path(path).is_dir():
-        bias = saved_logit_bias(Path(path))
+    family = family_of(model.config.model_type)
+    if family is not None and getattr(model, family.bias_param, None) is None \
+            and Path(path).is_dir():
+        bias = saved_logit_bias(Path(path), family.bias_param)
         if bias is not None:  # a CLIP fine-tuned here with the sigmoid loss: see DualEncoder
-            model.register_parameter("logit_bias", nn.Parameter(bias.float()))
+            model.register_parameter(family.bias_param, nn.Parameter(bias.float()))
     ip = getattr(processor, "image_processor", None)
     if ip is not None and not is_pil_backend(ip):
         raise ModelError(f"model.pretrained: {path!r} loads a {type(ip).__name__} image "
@@ -301,8 +168,8 @@ def load_pretrained(path: str | Path, trust_remote_code: bool = False) -> tuple[
     return model, processor
 
 
-def saved_logit_bias(model_dir: Path) -> torch.Tensor | None:
-    """The `logit_bias` tensor of a saved model directory, if its weights hold one.
+def saved_logit_bias(model_dir: Path, name: str = "logit_bias") -> torch.Tensor | None:
+    """The bias tensor `name` of a saved model directory, if its weights hold one.
 
     Hugging Face's loader drops (and reports as UNEXPECTED) a weight its class does not
     declare, such as the sigmoid bias `DualEncoder` adds to a CLIP; this reads it back."""
@@ -311,13 +178,13 @@ def saved_logit_bias(model_dir: Path) -> torch.Tensor | None:
     files = [model_dir / "model.safetensors"]
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        shard = json.loads(index.read_text()).get("weight_map", {}).get("logit_bias")
+        shard = json.loads(index.read_text()).get("weight_map", {}).get(name)
         files = [model_dir / shard] if shard else []
     for f in files:
         if f.is_file():
             with safe_open(str(f), "pt") as st:
-                if "logit_bias" in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    return st.get_tensor("logit_bias")
+                if name in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    return st.get_tensor(name)
     return None
 
 
@@ -356,12 +223,13 @@ class DualEncoder(nn.Module):
     and for SigLIP 2 NaFlex `pixel_attention_mask` and `spatial_shapes`), passed through by
     name. The text tower gets the attention mask only where its family was trained with one.
 
-    The bias: the sigmoid loss trains the checkpoint's `logit_bias` (SigLIP, SigLIP 2). A
-    checkpoint without one (CLIP) trained with the sigmoid loss gets a new bias initialised
-    at -10, registered on the Hugging Face model itself, so the trial checkpoints,
-    `save_pretrained` and `load_pretrained` all carry it. The softmax loss ignores the bias:
-    it stays frozen (a SigLIP's is kept unchanged, a CLIP gets an unsaved placeholder for
-    the metrics).
+    The towers, the temperature and the bias are where the model's family
+    (`sweeper.families.Family`) says. The bias: the sigmoid loss trains the checkpoint's
+    (SigLIP, SigLIP 2). A checkpoint without one (CLIP) trained with the sigmoid loss gets
+    a new bias at the family's `init_bias` (-10), registered on the Hugging Face model
+    itself, so the trial checkpoints, `save_pretrained` and `load_pretrained` all carry it.
+    The softmax loss ignores the bias: it stays frozen (a SigLIP's is kept unchanged, a
+    CLIP gets an unsaved placeholder for the metrics). The temperature always trains.
     """
 
     def __init__(self, model: nn.Module, loss: str = "sigmoid",
@@ -370,13 +238,13 @@ class DualEncoder(nn.Module):
         self.model = model
         self.freeze_vision = freeze_vision
         self.loss = loss
-        family = FAMILIES.get(getattr(model.config, "model_type", ""))
-        self.text_mask = family.text_mask if family else True
-        bias = getattr(model, "logit_bias", None)
+        self.family = family = family_of_model(model)
+        self.text_mask = family.text_mask
+        bias = getattr(model, family.bias_param, None)
         if bias is None:
-            bias = nn.Parameter(torch.tensor([SIGLIP_INIT_BIAS]))
+            bias = nn.Parameter(torch.tensor([family.init_bias]))
             if loss == "sigmoid":
-                model.register_parameter("logit_bias", bias)
+                model.register_parameter(family.bias_param, bias)
         self.logit_bias = bias
         # The softmax loss never touches the bias: keep it out of DDP and the optimizer.
         self.logit_bias.requires_grad_(loss == "sigmoid")
@@ -386,29 +254,48 @@ class DualEncoder(nn.Module):
 
     @property
     def logit_scale(self) -> nn.Parameter:
-        return self.model.logit_scale
+        return getattr(self.model, self.family.scale_param)
 
     def vision_parameters(self) -> list[nn.Parameter]:
-        vision = [m for n, m in self.model.named_children() if "vision" in n or "visual" in n]
-        return [p for m in vision for p in m.parameters()]
+        return [p for m in self.family.tower_modules(self.model, "vision")
+                for p in m.parameters()]
+
+    def tower_of(self, name: str) -> str:
+        """"text", "vision" or "logit" (the temperature and bias) for a parameter name of
+        this module (`model.text_model...`, `logit_bias`)."""
+        path = name.removeprefix("model.")
+        if name == "logit_bias" or path in (self.family.scale_param, self.family.bias_param):
+            return "logit"
+        tower = self.family.tower_of(path)
+        if tower is None:  # a family entry that misses a module: say so, never guess
+            raise ModelError(f"model.pretrained: parameter {path!r} belongs to neither tower "
+                             f"of {self.family.label} (sweeper.families)")
+        return tower
+
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the model as trained (adapters included), each
+        weight counted once."""
+        params = {id(p): p for p in self.parameters()}.values()
+        return (sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params))
 
     def train(self, mode: bool = True) -> DualEncoder:
         super().train(mode)
         if self.freeze_vision:
-            for name, child in self.model.named_children():
-                if "vision" in name or "visual" in name:
-                    child.eval()
+            for m in self.family.tower_modules(self.model, "vision"):
+                m.eval()
         return self
 
     def encode_image(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> torch.Tensor:
         """[b, d] normalised image embeddings; `image_kwargs`: the other image inputs of the
         batch (NaFlex: `pixel_attention_mask`, `spatial_shapes`)."""
         kwargs = {"pixel_values": pixel_values, **image_kwargs}
+        encode = getattr(self.model, self.family.image_features)
         if self.freeze_vision:
             with torch.no_grad():
-                feats = _features(self.model.get_image_features(**kwargs))
+                feats = _features(encode(**kwargs))
         else:
-            feats = _features(self.model.get_image_features(**kwargs))
+            feats = _features(encode(**kwargs))
         return nn.functional.normalize(feats, dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor,
@@ -418,7 +305,8 @@ class DualEncoder(nn.Module):
         # token): giving it one would change what it pools.
         if attention_mask is not None and self.text_mask:
             kwargs["attention_mask"] = attention_mask
-        return nn.functional.normalize(_features(self.model.get_text_features(**kwargs)), dim=-1)
+        encode = getattr(self.model, self.family.text_features)
+        return nn.functional.normalize(_features(encode(**kwargs)), dim=-1)
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,

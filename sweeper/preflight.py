@@ -5,7 +5,8 @@ order a run checks it, shared by `--dry-run` and a real run.
 adds what needs the machine, never Ray: the storage, the loggers' packages, resources (a
 local run: this machine's CPUs and GPUs; a cluster run is checked again after joining),
 the dataset's layout, the model (present, of a supported two-tower family, with a processor
-that makes what it takes), and the experiment folder (a changed spec, a folder that is not
+that makes what it takes, taking the LoRA adapters a variant asks for), and the experiment
+folder (a changed spec, a folder that is not
 ours). It reads and never writes (but for one probe object, deleted again, that proves a
 bucket takes our writes): a dry run leaves no trace, and a refused run loses nothing
 already written. Every refusal is one line naming the key or
@@ -22,9 +23,17 @@ from typing import Any
 
 from sweeper import data as D
 from sweeper.experiment import check_storage, plan_experiment
-from sweeper.families import FAMILIES, Family, ModelError, family_of, supported
+from sweeper.families import (
+    FAMILIES,
+    PRESETS,
+    Family,
+    ModelError,
+    family_of,
+    family_of_model,
+    supported,
+)
 from sweeper.grid import setting_values
-from sweeper.models import IMAGE_BACKEND, PRESETS, check_loadable
+from sweeper.models import IMAGE_BACKEND, check_loadable
 from sweeper.resources import check_fits, local_nodes
 from sweeper.spec import ModelSpec, SpecError, SweepSpec
 from sweeper.trials import model_key, sweep_models, trial_configs
@@ -166,6 +175,48 @@ def check_models(spec: SweepSpec) -> None:
                             f"{t.trial_id}: its images are patch sequences)")
 
 
+def check_adapters(spec: SweepSpec, models: bool = True) -> None:
+    """Refuse a `peft` variant the sweep runs when Hugging Face peft is not installed,
+    and (`models`) LoRA targets its model cannot take (`adapters.target_modules`: a name
+    matching no module of the adapted towers, a module the forward bypasses, one that is
+    not a linear layer), on the model's module tree built on the meta device (no weights
+    read or allocated)."""
+    from sweeper import adapters
+
+    axes = spec.grid.model_extra or {}
+    for v in dict.fromkeys(spec.grid.variant):
+        if spec.variants[v].peft is not None or any(
+                f"{k}.".startswith(f"variants.{v}.peft.") for k in axes):
+            adapters.require(f"variants.{v}.peft")
+    if not models:
+        return
+    seen: set[str] = set()
+    for t in trial_configs(spec):
+        key = f"variants.{t.variant}.peft"
+        job = json.dumps([model_key(t.model), t.peft and t.peft.model_dump(mode="json"), key])
+        if t.peft is None or job in seen:
+            continue
+        seen.add(job)
+        skeleton = _skeleton(t.model)
+        adapters.target_modules(skeleton, family_of_model(skeleton), t.peft, key)
+
+
+def _skeleton(model: ModelSpec) -> Any:
+    """The Hugging Face model of `model` on the meta device: its modules, no weights."""
+    import torch
+
+    folder = check_loadable(model)
+    with torch.device("meta"):
+        if folder is None:  # a preset: its builder at the preset's shape
+            from sweeper.synthetic import vocabulary
+
+            return FAMILIES[PRESETS[model.pretrained]].build(model.tiny, vocabulary())[0]
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=model.trust_remote_code)
+        return AutoModel.from_config(config, trust_remote_code=model.trust_remote_code)
+
+
 def preflight(spec: SweepSpec, address: str | None = None, *, new: bool = False,
               resume: bool = False) -> SweepSpec:
     """Every check a run makes before its first trial; returns the spec of the experiment
@@ -173,9 +224,11 @@ def preflight(spec: SweepSpec, address: str | None = None, *, new: bool = False,
     first: no data is scanned for a sweep that cannot run."""
     check_storage(spec.storage, spec.storage_filesystem)
     check_loggers(spec)
+    check_adapters(spec, models=False)  # the extra first: cheap, and what most forget
     if cluster_address(address) is None:
         check_fits(spec, local_nodes())
     spec = plan_experiment(spec, new, resume)
     check_data(spec)
     check_models(spec)
+    check_adapters(spec)
     return spec

@@ -27,7 +27,8 @@ from transformers.utils import logging as hf_logging
 
 from sweeper import data as D
 from sweeper import synthetic
-from sweeper.models import BUILDERS, DualEncoder
+from sweeper.families import FAMILIES
+from sweeper.models import DualEncoder
 from sweeper.sink import atomic_write_json
 from sweeper.training import loss_fn_for, lr_lambda, train_step
 
@@ -59,8 +60,9 @@ def tiny_key(tiny: Any, arch: str = "siglip") -> str:
 
 
 def ensure_tiny(tiny: Any, cache_dir: str | Path | None = None, arch: str = "siglip") -> Path:
-    """The directory of the pretrained tiny model (`arch`: "siglip", "clip" or "siglip2"),
-    built on first use (under a file lock so concurrent trials build it once)."""
+    """The directory of the pretrained tiny model of family `arch` (a model type of
+    `families.FAMILIES` with a preset: "siglip", "clip", "siglip2"), built on first use
+    (under a file lock so concurrent trials build it once)."""
     base = Path(cache_dir) if cache_dir else synthetic.default_cache_dir()
     prefix = "tiny" if arch == "siglip" else f"{arch}-tiny"
     out = base / "models" / f"{prefix}-{tiny_key(tiny, arch)}"
@@ -82,8 +84,9 @@ def ensure_tiny(tiny: Any, cache_dir: str | Path | None = None, arch: str = "sig
 
 def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path,
                   arch: str = "siglip") -> dict[str, float]:
-    """Build and pretrain the tiny SigLIP or SigLIP 2 (sigmoid loss) or CLIP (softmax loss)
-    on every synthetic class; save it to `out_dir`."""
+    """Build the tiny model of family `arch` (`Family.build`) and pretrain it with the
+    family's default loss (SigLIP and SigLIP 2: sigmoid, CLIP: softmax) on every synthetic
+    class; save it to `out_dir`."""
     t0 = time.time()
     n_classes = len(synthetic.COLOURS) * len(synthetic.SHAPES)
     root = synthetic.generate(
@@ -94,13 +97,14 @@ def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path,
     split = D.open_dataset(root, "folder", "classes.json", "captions.jsonl").split("train")
     # Each image twice: once with its captions, once with a template of its class name.
     samples = split.samples + [D.Sample(s.path, s.label, ()) for s in split.samples]
-    model, processor = BUILDERS[arch](tiny, synthetic.vocabulary())
+    family = FAMILIES[arch]
+    model, processor = family.build(tiny, synthetic.vocabulary())
     transform = D.image_transform(processor.image_processor)
     ds = D.ImageTextDataset(samples, split.names, transform, PRETRAIN_TEMPLATES, "mixed",
                             tiny.seed)
     sampler = D.GlobalBatchSampler(len(ds), PRETRAIN_BATCH, seed=tiny.seed)
     loader = D.make_loader(ds, sampler, D.Collate(processor.tokenizer, tiny.max_length), 0)
-    loss = "softmax" if arch == "clip" else "sigmoid"
+    loss = family.default_loss
     enc = DualEncoder(model, loss, freeze_vision=False)
     enc.train()
     opt = torch.optim.AdamW(enc.parameters(), lr=PRETRAIN_LR, weight_decay=1e-4)

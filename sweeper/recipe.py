@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from sweeper import adapters, faults
 from sweeper import cache as C
 from sweeper import data as D
-from sweeper import faults
 from sweeper.collectives import Agreement
 from sweeper.context import WorkerContext
 from sweeper.evaluation import Evaluator, retrieval_captions, val_loader
@@ -50,13 +50,16 @@ class TrialParts:
     """Everything one worker of a trial trains and evaluates with.
 
     `model`/`processor`: the Hugging Face model and processor (what `final_model/` saves);
-    `enc`: the two-tower wrapper the loss and evaluation call; `module`: what the step
-    runs, `enc` or its DDP wrapper; `n_steps`/`steps_per_epoch`: the budget in optimizer
-    updates; `global_batch`: samples per step over all workers; `inputs`: the datasets as
-    the caches serve them; `faults`: faults a fault-tolerance test injects (empty else)."""
+    `adapted`: the `peft.PeftModel` around `model` when the variant trains LoRA adapters
+    (`sweeper.adapters`), else None; `enc`: the two-tower wrapper the loss and evaluation
+    call; `module`: what the step runs, `enc` or its DDP wrapper;
+    `n_steps`/`steps_per_epoch`: the budget in optimizer updates; `global_batch`: samples
+    per step over all workers; `inputs`: the datasets as the caches serve them; `faults`:
+    faults a fault-tolerance test injects (empty else)."""
 
     model: Any
     processor: Any
+    adapted: Any
     enc: DualEncoder
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -91,6 +94,10 @@ def setup_trial(cfg: TrialConfig, ctx: WorkerContext) -> TrialParts:
                             transform, D.data_root(cfg.data, ctx.cache_dir))
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    # LoRA: adapters on the model in place, everything else frozen (before the wrapper,
+    # which then freezes a softmax loss's bias and a frozen vision tower as for any model).
+    adapted = adapters.wrap(model, cfg.peft, f"variants.{cfg.variant}.peft") \
+        if cfg.peft else None
     enc = DualEncoder(model, cfg.loss, cfg.freeze_vision).to(device)
     module = wrap_ddp(enc, device, ctx.world_size, ctx.group)
     agree = Agreement.create(ctx.world_size, ctx.group)
@@ -109,9 +116,8 @@ def setup_trial(cfg: TrialConfig, ctx: WorkerContext) -> TrialParts:
     inputs = C.trial_inputs(cfg, ctx, td, enc, transform, D.Collate(tokenizer, max_len),
                             precision, agree, nw)
     if cfg.train.compile:  # in place: parameter names (checkpoints) and DDP stay the same
-        for name, tower in enc.model.named_children():
-            if name == "text_model" or (name == "vision_model" and inputs.kind != "features"):
-                tower.compile()
+        for tower in ("text", "vision") if inputs.kind != "features" else ("text",):
+            enc.model.get_submodule(enc.family.tower(tower).root).compile()
     sampler = D.batch_plan(inputs.train, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed,
                            cfg.data.shuffle_buffer)
     injected = faults.for_trial(cfg.trial_id)  # empty unless a fault-tolerance test asks
@@ -129,8 +135,9 @@ def setup_trial(cfg: TrialConfig, ctx: WorkerContext) -> TrialParts:
                          ctx.group, images=inputs.val_images,
                          captions=retrieval_captions(cfg.eval.retrieval, td.val_samples))
     return TrialParts(
-        model=model, processor=processor, enc=enc, module=module, optimizer=optimizer,
-        scheduler=scheduler, lr_factor=lr_factor, loss_fn=make_loss_fn(cfg, ctx.group),
+        model=model, processor=processor, adapted=adapted, enc=enc, module=module,
+        optimizer=optimizer, scheduler=scheduler, lr_factor=lr_factor,
+        loss_fn=make_loss_fn(cfg, ctx.group),
         precision=precision, tf32=tf32, autocast=autocast, data=td, inputs=inputs,
         loader_workers=nw, sampler=sampler, loader=loader, evaluate=evaluate, agree=agree,
         n_steps=n_steps, steps_per_epoch=spe, global_batch=global_batch_size(cfg, len(td.train)),

@@ -22,9 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -33,40 +31,26 @@ from pydantic import (
 )
 
 from sweeper.grid import grid_axes, grid_points, setting_values, trial_id_for
+from sweeper.spec_base import FilesystemOptions, Float, Int, SpecError
+from sweeper.spec_base import Strict as _Strict
+from sweeper.variants import (  # re-exported: part of the spec tree
+    LORA_PRESETS,
+    LossName,
+    PeftSpec,
+    VariantSpec,
+    variant_axis,
+)
+
+__all__ = ["LORA_PRESETS", "Float", "Int", "PeftSpec", "SpecError", "VariantSpec",
+           "variant_axis"]
 
 TextSource = Literal["templates", "captions", "mixed"]
-LossName = Literal["sigmoid", "softmax"]
 # Bounds that keep every answer of the CLI (a dry run, a refusal) to a few seconds.
 MAX_TRIALS = 10_000
 MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_VALUES = 100_000  # scalars and containers after YAML aliases are expanded
 MAX_SPEC_DEPTH = 32
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-def _not_bool(v: Any) -> Any:
-    # YAML `yes`/`true` is a boolean, which Python (and pydantic's lax mode) would take as 1.
-    if isinstance(v, bool):
-        raise ValueError(f"expected a number, got the boolean {str(v).lower()}")
-    return v
-
-
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
-
-
-class SpecError(ValueError):
-    """A refused search space. `str(err)` is one line: `key.path: what is wrong`."""
-
-    def __init__(self, message: str) -> None:
-        # Keys and values come from user YAML and may hold newlines: keep the promise of
-        # one line whatever they contain.
-        super().__init__(" ".join(str(message).splitlines()))
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan: `.inf` and `.nan` are YAML floats, and no key of ours means them.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
 class TinyModelSpec(_Strict):
@@ -182,22 +166,6 @@ class SyntheticSpec(_Strict):
     seed: Int = 0
 
 
-def _filesystem_options(v: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A `storage_filesystem` / `data.filesystem` mapping: a `type`, and no credentials."""
-    # The spec is copied into sweep.json in the bucket: credentials stay in the
-    # environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) or the cloud's own files.
-    for key in v or {}:
-        if re.search(r"secret|password|token|access_key|credential", str(key), re.I):
-            raise ValueError(f"{key}: credentials do not belong in the spec; set them "
-                             "in the environment (AWS_ACCESS_KEY_ID, ...)")
-    if v is not None and not isinstance(v.get("type"), str):
-        raise ValueError("needs a `type` (s3, gcs, hdfs, local or fsspec)")
-    return v
-
-
-FilesystemOptions = Annotated[dict[str, Any] | None, AfterValidator(_filesystem_options)]
-
-
 def _formats() -> dict[str, Any]:
     from sweeper.data.formats import FORMATS  # loads the data package: only to validate
 
@@ -269,15 +237,6 @@ class DataSpec(_Strict):
                     raise ValueError(f"{key} is read by data.format {name} only, not "
                                      f"{self.format}")
         return self
-
-
-class VariantSpec(_Strict):
-    """A named model variant: the loss, whether the vision tower is frozen, overrides."""
-
-    loss: LossName = "sigmoid"
-    freeze_vision: bool = False
-    model: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict)
 
 
 class GridSpec(BaseModel):
@@ -381,6 +340,7 @@ class TrialConfig(_Strict):
     eval: EvalSpec
     checkpoint: CheckpointSpec
     scaling: ScalingSpec
+    peft: PeftSpec | None = None  # the variant's, `towers` resolved
 
 
 
@@ -661,13 +621,50 @@ def _check_feature_cache(spec: SweepSpec) -> None:
                 "unaugmented); set data.cache_features: false or data.augment: none")
 
 
+def _check_variant_axis(spec: SweepSpec, key: str, values: Any) -> None:
+    """A grid axis over a key of one variant (`variants.siglip-lora.peft.r`): it changes
+    that variant's trials only, so the grid must run that variant alone (beside another
+    one it would repeat the other's trials unchanged, once per value)."""
+    path = _loc_to_path(("grid", key))
+    found = variant_axis(spec.variants, key)
+    if found is None:
+        raise SpecError(f"{path}: names no key of a defined variant (defined: "
+                        f"{', '.join(sorted(spec.variants))})")
+    name, sub = found
+    if not isinstance(values, list) or not values:
+        raise SpecError(f"{path}: must be a non-empty list of values")
+    others = [v for v in dict.fromkeys(spec.grid.variant) if v != name]
+    if name not in spec.grid.variant:
+        raise SpecError(f"{path}: variant {name!r} is not in grid.variant")
+    if others:
+        raise SpecError(f"{path}: changes variant {name!r} only, but grid.variant also runs "
+                        f"{others[0]!r}, whose trials it would repeat unchanged once per "
+                        f"value; define one variant per value instead ({name}-a, {name}-b, "
+                        f"...) or sweep {name!r} alone")
+    for i, v in enumerate(values):
+        doc = spec.model_dump(exclude_unset=True)
+        doc["grid"] = {k: val for k, val in doc["grid"].items() if "." not in k}
+        apply_override(doc["variants"][name], sub, v)
+        try:
+            one = SweepSpec.model_validate(doc)
+            _check_micro_batches(one)
+            _check_feature_cache(one)
+        except ValidationError as e:
+            raise SpecError(f"{path}[{i}]: {_validation_error(e)}") from None
+        except SpecError as e:
+            raise SpecError(f"{path}[{i}]: {e}") from None
+
+
 def _check_extra_axis(spec: SweepSpec, key: str, values: Any) -> None:
     path = _loc_to_path(("grid", key))
     parts = str(key).split(".")
+    if parts[0] == "variants":
+        _check_variant_axis(spec, key, values)
+        return
     if len(parts) < 2 or parts[0] not in ("model", "train", "eval", "data", "checkpoint"):
         raise SpecError(
             f"{path}: unknown axis (use variant, text_source, batch_size, n_train_classes, "
-            "seed, or a dotted path such as train.lr)"
+            "seed, or a dotted path such as train.lr or variants.<name>.peft.r)"
         )
     if not isinstance(values, list) or not values:
         raise SpecError(f"{path}: must be a non-empty list of values")

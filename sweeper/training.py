@@ -26,20 +26,14 @@ from sweeper.models import forward_inputs
 from sweeper.spec import TrialConfig
 
 
-def _tower(name: str) -> str:
-    if "logit_" in name:
-        return "logit"
-    if "vision" in name or "visual" in name:
-        return "vision"
-    return "text"
-
-
 def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or "bias" in name or "norm" in name or "logit_" in name
 
 
 def param_groups(model: nn.Module, train: Any) -> list[dict[str, Any]]:
-    """AdamW groups: per tower (text, vision, temperature/bias) x decay/no-decay.
+    """AdamW groups of the trainable parameters of `model` (a `DualEncoder`, which says
+    which tower each belongs to): per tower (text, vision, temperature/bias) x
+    decay/no-decay.
 
     Biases, norms and the temperature/bias get no weight decay; each tower may have its own
     learning rate (`train.lr_text`, `lr_vision`, `lr_logit`, else `train.lr`)."""
@@ -50,7 +44,7 @@ def param_groups(model: nn.Module, train: Any) -> list[dict[str, Any]]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        tower, nd = _tower(name), _no_decay(name, p)
+        tower, nd = model.tower_of(name), _no_decay(name, p)
         g = groups.setdefault((tower, nd), {
             "params": [], "names": [], "tower": tower,
             "lr": lrs[tower] or train.lr,

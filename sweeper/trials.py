@@ -1,5 +1,6 @@
-"""The trials of a sweep: each grid point applied to the spec (variant overrides, then the
-dotted axes), resolved into the `TrialConfig` a trial runs, in Tune's grid order.
+"""The trials of a sweep: each grid point applied to the spec (the variant with its own
+axes, its overrides, then the dotted axes), resolved into the `TrialConfig` a trial runs, in
+Tune's grid order.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from sweeper.spec import (
     SweepSpec,
     TrainSpec,
     TrialConfig,
+    VariantSpec,
     apply_override,
+    variant_axis,
 )
 
 
 def resolve_trial(spec: SweepSpec, point: dict[str, Any],
                   model_paths: dict[str, str] | None = None) -> TrialConfig:
-    """Apply a grid point (variant overrides, then dotted axes) to the spec; `model_paths`
-    ({model spec JSON: checkpoint directory}, from `sweeper.prepare`) gives `model_path`."""
-    var = spec.variants[point["variant"]]
+    """Apply a grid point (the variant with its own axes, its overrides, then the dotted
+    axes) to the spec; `model_paths` ({model spec JSON: checkpoint directory}, from
+    `sweeper.prepare`) gives `model_path`."""
+    var = _variant(spec, point)
     model = spec.model.model_validate({**spec.model.model_dump(exclude_unset=True), **var.model})
     train = spec.train.model_validate({**spec.train.model_dump(exclude_unset=True), **var.train})
     sections: dict[str, Any] = {
@@ -34,7 +38,7 @@ def resolve_trial(spec: SweepSpec, point: dict[str, Any],
         "checkpoint": spec.checkpoint.model_dump(exclude_unset=True),
     }
     for key, value in point.items():
-        if "." in key:
+        if "." in key and not key.startswith("variants."):
             apply_override(sections, key.split("."), value)
     model = ModelSpec.model_validate(sections["model"])
     return TrialConfig(
@@ -55,7 +59,22 @@ def resolve_trial(spec: SweepSpec, point: dict[str, Any],
         eval=EvalSpec.model_validate(sections["eval"]),
         checkpoint=CheckpointSpec.model_validate(sections["checkpoint"]),
         scaling=spec.scaling,
+        peft=var.peft.for_variant(var.freeze_vision) if var.peft else None,
     )
+
+
+def _variant(spec: SweepSpec, point: dict[str, Any]) -> VariantSpec:
+    """The grid point's variant with its own axes (`variants.<name>.<key>`) applied."""
+    name = point["variant"]
+    var = spec.variants[name]
+    doc = var.model_dump(exclude_unset=True)
+    changed = False
+    for key, value in point.items():
+        found = variant_axis(spec.variants, key)
+        if found is not None and found[0] == name:
+            apply_override(doc, found[1], value)
+            changed = True
+    return VariantSpec.model_validate(doc) if changed else var
 
 
 def model_key(model: ModelSpec) -> str:

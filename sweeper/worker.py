@@ -22,7 +22,12 @@ import torch.distributed as dist
 
 from sweeper import data as D
 from sweeper import faults
-from sweeper.checkpoint import load_checkpoint, save_checkpoint, save_final_model
+from sweeper.checkpoint import (
+    FINAL_ADAPTER,
+    load_checkpoint,
+    save_checkpoint,
+    save_final_model,
+)
 from sweeper.context import ReportFn, WorkerContext
 from sweeper.recipe import TrialParts, checkpoint_on_node, setup_trial
 from sweeper.sink import TrialSink
@@ -252,8 +257,11 @@ class _Sequencer:
                  "ended_at": _now(), "wall_time_s": self.elapsed()}
         if self.sink:
             if self.cfg.train.save_final and status == "terminated":
-                save_final_model(self.ctx.trial_dir / "final_model", self.parts.model,
-                                 self.parts.processor)
+                p = self.parts
+                save_final_model(self.ctx.trial_dir / "final_model", p.model, p.processor,
+                                 p.adapted)
+                if p.adapted is not None:
+                    self.sink.publish_dir(FINAL_ADAPTER, marker="adapter_config.json")
                 self.sink.publish_dir("final_model", marker="config.json")
             self.sink.update_status(**final)
         return final
@@ -306,6 +314,7 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
         seq.st["skipped_images"] = p.data.skipped
     if sink:
         td = p.data
+        trainable, total = p.enc.param_counts()
         sink.update_status(
             status="running", started_at=_now(), train_classes=td.train_classes,
             train_class_names=td.train_class_names,
@@ -315,6 +324,7 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
             steps_per_epoch=p.steps_per_epoch, world_size=ctx.world_size,
             device=str(ctx.device), precision=p.precision, tf32=p.tf32,
             inputs=p.inputs.kind, loader_workers=p.loader_workers,
+            trainable_params=trainable, total_params=total,
             restarts=int(sink.status().get("restarts", -1)) + 1)
     p.enc.train()
     if not resumed:
