@@ -32,7 +32,7 @@ class TrialData:
     seen: list[bool] = field(default_factory=list)  # per val class: trained on?
     left_out_no_caption: int = 0
     reader: Reader | None = None  # reads the images in the dataset's format
-    skipped: int = 0  # training samples the scan found but could not use (no label, ...)
+    skipped: int = 0  # samples the scans found but could not use (no label, ...)
 
 
 def _trial_splits(data_spec: Any, ds: Dataset, n_train_classes: int, seed: int,
@@ -100,5 +100,5 @@ def build_trial_data(data_spec: Any, text_source: str, n_train_classes: int, see
         seen=[w in chosen_set for w in val_wnids],
         left_out_no_caption=left_out,
         reader=reader,
-        skipped=train.skipped,
+        skipped=train.skipped + val.skipped,
     )
