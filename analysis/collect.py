@@ -113,6 +113,7 @@ _TRIAL_TAIL: tuple[tuple[str, pa.DataType], ...] = (
     ("wall_time_s", pa.float64()),
     ("device_hours", pa.float64()),
     ("skipped_images", pa.int64()),
+    ("data_wait_frac", pa.float64()),
     ("restarts", pa.int64()),
     ("started_at", pa.string()),
     ("ended_at", pa.string()),
@@ -436,6 +437,11 @@ def _last(rows: list[dict[str, Any]], key: str, conv: Any = _float) -> Any:
     return None
 
 
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [v for r in rows if (v := _float(r.get(key))) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _max(rows: list[dict[str, Any]], key: str, conv: Any = _float) -> Any:
     vals = [v for v in (conv(r.get(key)) for r in rows) if v is not None]
     return max(vals) if vals else None
@@ -594,6 +600,10 @@ def _trial_row(rec: TrialRecord, exp: Experiment) -> dict[str, Any]:
         "skipped_images": _first(
             _int(st.get("skipped_images")), _last(rows, "skipped_images", _int)
         ),
+        # The whole trial's share (status.json, when it ended); until then the mean of
+        # the reports' shares.
+        "data_wait_frac": _first(_float(st.get("data_wait_frac")),
+                                 _mean(rows, "data_wait_frac")),
         "restarts": st.get("restarts"),
         "started_at": st.get("started_at"),
         "ended_at": st.get("ended_at"),

@@ -573,10 +573,11 @@ def trial_selection(trials: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
 
 
 def trial_list(trials: pd.DataFrame) -> str:
-    """The trials on one line each: status, steps done (/ planned), their own accuracies."""
+    """The trials on one line each: status, steps done (/ planned), their own accuracies,
+    and the share of the training loop spent waiting for data."""
     lines = [
-        "| trial | status | steps | zero-shot top-1 | final top-1 | best top-1 |",
-        "|---|---|---|---|---|---|",
+        "| trial | status | steps | zero-shot top-1 | final top-1 | best top-1 | data wait % |",
+        "|---|---|---|---|---|---|---|",
     ]
     for _, r in trials.iterrows():
         steps = fmt_value(r["steps"])
@@ -584,7 +585,8 @@ def trial_list(trials: pd.DataFrame) -> str:
             steps += f" / {fmt_value(r['total_steps'])}"
         lines.append(
             f"| `{r['trial_id']}` | {r['status']} | {steps} | "
-            f"{_pct(r['zero_shot_top1'])} | {_pct(r['val_top1'])} | {_pct(r['best_val_top1'])} |"
+            f"{_pct(r['zero_shot_top1'])} | {_pct(r['val_top1'])} | {_pct(r['best_val_top1'])} | "
+            f"{_pct(r.get('data_wait_frac'))} |"
         )
     return "\n".join(lines)
 

@@ -20,11 +20,13 @@ one node is uploaded to `<storage>/.cache/...` (meta.json last) for the others t
 instead of building it (`ensure_store(remote=...)`); stores are never read over the
 network. A store's `<key>` is a content hash of everything its rows depend on: the
 checkpoint (directory or hub id, its config.json and the size and mtime of its files),
-the image transform's settings, the split and the list of `(path, size, mtime_ns)` of the
-split's files (and, for features, the precision they were computed in). Any change gives
-a new key, so a stale store is never read. Rows follow the split's scan order
-(`data.scan_folder_split`); the whole split is cached, so trials with different class
-subsets share one store.
+the image transform's settings, the split and the dataset format's fingerprint of the
+split's files (their `(path, size, mtime)`: image files, Parquet files or shards, local or
+in a bucket; and, for features, the precision they were computed in). Any change gives a
+new key, so a stale store is never read. Rows follow the split's scan order (the format's
+`scan`; a WebDataset split is decoded shard by shard, front to back); the whole split is
+cached, so trials with different class subsets share one store, and a trial on cached
+rows reads them by index, whatever its format (a full shuffle, even for shards).
 
 Stores are built before the trials by Ray tasks (`orchestration`, via `cache_jobs` and
 `run_job`), or, when those did not run (in-process tests, a new variant on resume), by the
@@ -57,6 +59,7 @@ import torch
 
 from sweeper import data as D
 from sweeper.collectives import Agreement
+from sweeper.data.streaming import read_batches
 from sweeper.evaluation import ValImages
 from sweeper.models import DualEncoder, load_pretrained
 from sweeper.spec import DataSpec, ModelSpec, SweepSpec
@@ -124,30 +127,31 @@ def checkpoint_fingerprint(pretrained: str) -> dict[str, Any]:
 
 @dataclass
 class SplitListing:
-    """Every image file of one split, in scan order (= row order of its stores)."""
+    """Every sample of one split, in scan order (= row order of its stores), and how to
+    read them (`reader`, the dataset format's)."""
 
     root: str
     split: str
     samples: list[D.Sample]
-    digest: str  # sha256 over (path, size, mtime_ns) of every file
+    digest: str  # the format's fingerprint: (path, size, mtime) of every file of the split
+    reader: Any = None
 
     @property
     def paths(self) -> list[str]:
         return [s.path for s in self.samples]
 
     @classmethod
-    def scan(cls, root: str | Path, split: str) -> SplitListing:
-        samples = D.scan_folder_split(Path(root), split, None, {}).samples
-        h = hashlib.sha256()
-        for s in samples:
-            st = os.stat(s.path)
-            h.update(f"{s.path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        return cls(str(root), split, samples, h.hexdigest())
+    def scan(cls, dataset: D.Dataset | str | Path, split: str) -> SplitListing:
+        """The split of `dataset` (a `D.Dataset`, or the root of a folder dataset)."""
+        ds = dataset if isinstance(dataset, D.Dataset) else D.open_dataset(dataset)
+        # The class table (integer labels need it), not the captions: rows are images.
+        samples = ds.format.scan(ds.files, split, ds.table(), D.Captions(), ds.spec).samples
+        return cls(ds.root, split, samples, ds.fingerprint(split), ds.reader())
 
     def rows(self, samples: list[D.Sample]) -> np.ndarray:
         """Row of each sample in this split's stores (KeyError: not in the split)."""
-        index = {os.path.normpath(p): i for i, p in enumerate(self.paths)}
-        return np.array([index[os.path.normpath(s.path)] for s in samples], dtype=np.int64)
+        index = {s.id: i for i, s in enumerate(self.samples)}
+        return np.array([index[s.id] for s in samples], dtype=np.int64)
 
 
 def transform_settings(transform: D.Transform) -> dict[str, Any]:
@@ -256,54 +260,80 @@ def _pull(remote: Location, directory: Path) -> bool:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Image i of a split read exactly as training reads it (`ImageTextDataset.load_uint8`)
-    and whether it could be read (an unreadable image gives a blank one and False; the
-    trials then skip it as they would when decoding): resized for the model (HWC uint8),
-    or with `as_inputs` the vision tower's inputs (`transform.inputs`)."""
+    """(i, image i of a split read exactly as training reads it, whether it could be read)
+    (`ImageTextDataset.load_uint8`; an unreadable image gives a blank one and False, and
+    the trials then skip it as they would when decoding): resized for the model (HWC
+    uint8), or with `as_inputs` the vision tower's inputs (`transform.inputs`)."""
 
     def __init__(self, listing: SplitListing, transform: D.Transform,
                  as_inputs: bool = False) -> None:
         self.ds = D.ImageTextDataset(listing.samples, [], transform, ["{}"], "templates", 0,
-                                     root=listing.root)
+                                     reader=listing.reader)
         self.transform, self.as_inputs = transform, as_inputs
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> tuple[Any, bool]:
+    def __getitem__(self, i: int) -> tuple[int, Any, bool]:
         arr = self.ds.load_uint8(i)
         ok = arr is not None
         if not ok:
             arr = self.transform.blank()
         if self.as_inputs:
-            return self.transform.inputs(arr), ok
-        return np.require(arr, requirements=["C", "W"]), ok  # torch wants writable
+            return i, self.transform.inputs(arr), ok
+        return i, np.require(arr, requirements=["C", "W"]), ok  # torch wants writable
+
+
+class _StreamDecode(torch.utils.data.IterableDataset):
+    """`_Decode` of a streamed format (WebDataset): each DataLoader worker reads its
+    contiguous share of the split's shards front to back (`D.StreamPlan` in order)."""
+
+    def __init__(self, decode: _Decode, plan: D.StreamPlan) -> None:
+        self.decode, self.plan = decode, plan
+
+    def __iter__(self) -> Iterator[tuple[int, Any, bool]]:
+        info = torch.utils.data.get_worker_info()
+        ds = self.decode.ds
+        for slot in [info.id] if info is not None else range(self.plan.slots):
+            batches, stretch = self.plan.slot_batches(slot)
+            for _, idx, images in read_batches(ds.reader, ds.samples, batches, stretch):
+                with ds.prefetched(images):
+                    yield from (self.decode[i] for i in idx)
 
 
 def _decoded(listing: SplitListing, transform: D.Transform, batch_size: int,
-             num_workers: int, as_inputs: bool = False) -> Iterator[tuple[Any, torch.Tensor]]:
-    """Batches (uint8 [b, H, W, 3], or with `as_inputs` the vision tower's inputs by name;
-    ok [b]); one image per batch when their shapes differ (shortest-edge resize without a
-    crop; NaFlex inputs are padded to one shape)."""
+             num_workers: int, as_inputs: bool = False
+             ) -> Iterator[tuple[torch.Tensor, Any, torch.Tensor]]:
+    """Batches (row indices [b]; uint8 [b, H, W, 3], or with `as_inputs` the vision
+    tower's inputs by name; ok [b]); one image per batch when their shapes differ
+    (shortest-edge resize without a crop; NaFlex inputs are padded to one shape). A
+    streamed format's rows come in the order its shards are read."""
     fixed = transform.output_size is not None or (as_inputs and isinstance(transform,
                                                                            D.PatchTransform))
     bs = batch_size if fixed else 1
-    yield from torch.utils.data.DataLoader(_Decode(listing, transform, as_inputs),
-                                           batch_size=bs, num_workers=num_workers)
+    decode = _Decode(listing, transform, as_inputs)
+    if not decode.ds.streamed:
+        yield from torch.utils.data.DataLoader(decode, batch_size=bs, num_workers=num_workers)
+        return
+    plan = D.StreamPlan(listing.samples, bs, train=False)
+    plan.workers = num_workers
+    yield from torch.utils.data.DataLoader(_StreamDecode(decode, plan), batch_size=bs,
+                                           num_workers=num_workers)
 
 
-def _write_rows(tmp: Path, n: int, batches: Iterator[tuple[np.ndarray, np.ndarray]],
+def _write_rows(tmp: Path, n: int,
+                batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
                 dtype: Any, empty_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Stream (rows, ok) batches into tmp/data.npy (allocated at the first batch) and
-    tmp/ok.npy; returns the array's shape."""
-    out, ok_all, i = None, np.zeros(n, dtype=bool), 0
-    for rows, ok in batches:
+    """Write (row indices, rows, ok) batches into tmp/data.npy (allocated at the first
+    batch) and tmp/ok.npy; returns the array's shape. A row no batch wrote stays zeros,
+    not ok."""
+    out, ok_all = None, np.zeros(n, dtype=bool)
+    for index, rows, ok in batches:
         if out is None:
             out = np.lib.format.open_memmap(tmp / "data.npy", mode="w+", dtype=dtype,
                                             shape=(n, *rows.shape[1:]))
-        out[i:i + len(rows)] = rows
-        ok_all[i:i + len(rows)] = ok
-        i += len(rows)
+        out[index] = rows
+        ok_all[index] = ok
     if out is None:
         out = np.lib.format.open_memmap(tmp / "data.npy", mode="w+", dtype=dtype,
                                         shape=(0, *empty_shape))
@@ -328,7 +358,7 @@ def ensure_image_cache(root: Path, listing: SplitListing, transform: D.Transform
     def build(tmp: Path) -> dict[str, Any]:
         h, w = transform.output_size
         shape = _write_rows(tmp, len(listing.paths),
-                            ((u8.numpy(), ok.numpy()) for u8, ok in
+                            ((i.numpy(), u8.numpy(), ok.numpy()) for i, u8, ok in
                              _decoded(listing, transform, batch_size, num_workers)),
                             np.uint8, (h, w, 3))
         return {"kind": "images", "key": key, "n": len(listing.paths), "shape": shape,
@@ -350,15 +380,16 @@ def ensure_feature_cache(root: Path, listing: SplitListing, transform: D.Transfo
     key = feature_key(checkpoint, transform, listing, precision)
     autocast = autocast_for(precision, device)
 
-    def embed() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def embed() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         was_training = enc.training
         enc.eval()
         try:
-            for inputs, ok in _decoded(listing, transform, batch_size, num_workers, True):
+            for index, inputs, ok in _decoded(listing, transform, batch_size, num_workers,
+                                              True):
                 inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
                 with autocast():
                     e = enc.encode_image(**inputs)
-                yield e.float().cpu().numpy(), ok.numpy()
+                yield index.numpy(), e.float().cpu().numpy(), ok.numpy()
         finally:
             enc.train(was_training)
 
@@ -385,6 +416,10 @@ class CachedDataset(D.ImageTextDataset):
     def __init__(self, base: D.ImageTextDataset, store: ArrayStore, rows: np.ndarray) -> None:
         self.__dict__.update(base.__dict__)  # whatever fields the base dataset has
         self.store, self.rows = store, rows
+
+    @property
+    def streamed(self) -> bool:
+        return False  # rows of a store, read by index whatever the dataset's format
 
     def load_uint8(self, index: int) -> np.ndarray | None:
         r = int(self.rows[index])
@@ -466,16 +501,13 @@ def trial_inputs(cfg: Any, ctx: Any, td: D.TrialData, enc: Any, transform: D.Tra
     feats = uses_feature_cache(cfg)
     if not (feats or cfg.data.cache_images):
         return plain
-    if getattr(cfg.data, "format", "folder") != "folder":
-        log.warning("cache: data.format %r is not cached; decoding instead", cfg.data.format)
-        return plain
     agree = agree or Agreement()
     root = cache_root(cfg.data, ctx.trial_dir)
     remote = remote_cache(getattr(ctx, "remote", None))
-    droot = D.data_root(cfg.data, ctx.cache_dir)
     t0 = time.time()
     try:
-        listings = {s: SplitListing.scan(droot, s) for s in SPLITS}
+        dataset = D.dataset_of(cfg.data, D.data_root(cfg.data, ctx.cache_dir))
+        listings = {s: SplitListing.scan(dataset, s) for s in SPLITS}
         train_rows = listings["train"].rows(td.train.samples)
         val_rows = listings["val"].rows(td.val_samples)
         mapped = True
@@ -550,7 +582,7 @@ def cache_jobs(spec: SweepSpec, storage: str | Path, model_paths: dict[str, str]
     for t in configs or []:
         kind = "features" if uses_feature_cache(t) else "images" if t.data.cache_images \
             else None
-        if kind is None or getattr(t.data, "format", "folder") != "folder":
+        if kind is None:
             continue
         precision = t.train.precision if kind == "features" else "-"
         job = CacheJob(kind, t.model.model_dump_json(), str(t.model_path),
@@ -573,11 +605,12 @@ def job_marker(job: CacheJob) -> Path:
     the job and what its stores' keys depend on that can be read without loading the model
     (the checkpoint's files, the splits' files), so a sweep whose stores are all built
     starts no task, and a changed checkpoint or dataset starts one again."""
-    droot = D.data_root(DataSpec.model_validate_json(job.data_json), job.cache_dir)
+    data_spec = DataSpec.model_validate_json(job.data_json)
+    dataset = D.dataset_of(data_spec, D.data_root(data_spec, job.cache_dir))
     key = _sha({"v": CACHE_VERSION, "job": [job.kind, job.model_json, job.data_json,
                                             job.precision, job.batch_size],
                 "checkpoint": checkpoint_fingerprint(job.model_path),
-                "files": {s: SplitListing.scan(droot, s).digest for s in SPLITS}})[:24]
+                "files": {s: dataset.fingerprint(s) for s in SPLITS}})[:24]
     return Path(job.root) / "jobs" / f"{key}.json"
 
 
@@ -586,8 +619,8 @@ def run_job(job: CacheJob) -> dict[str, Any]:
     t0 = time.time()
     model_spec = ModelSpec.model_validate_json(job.model_json)
     data_spec = DataSpec.model_validate_json(job.data_json)
-    droot = D.data_root(data_spec, job.cache_dir)
-    listings = {s: SplitListing.scan(droot, s) for s in SPLITS}
+    dataset = D.dataset_of(data_spec, D.data_root(data_spec, job.cache_dir))
+    listings = {s: SplitListing.scan(dataset, s) for s in SPLITS}
     root = Path(job.root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_pretrained(job.model_path, model_spec.trust_remote_code)

@@ -237,13 +237,16 @@ def caption_pairs(index: torch.Tensor, captions: Sequence[Sequence[str]]
 def val_loader(samples: list[D.Sample], names: list[str], transform: D.Transform,
                tokenizer: Any, max_length: int, rank: int, world_size: int, batch_size: int,
                num_workers: int, wrap: Callable[[Any], Any] = lambda ds: ds,
-               device: torch.device | None = None, local_ranks: int = 1) -> Any:
-    """This rank's shard of the val set (every `world_size`-th sample from `rank`), in
-    batches of `batch_size` delivered on `device`; `wrap` turns the dataset into its cached
-    form; `local_ranks` share this node's shared memory (`data.plan_loader`)."""
-    ds = wrap(D.ImageTextDataset(samples, names, transform, ["{}"], "templates", 0))
-    mine = list(range(rank, len(samples), world_size))
-    batches = [[(i, 0) for i in mine[j:j + batch_size]] for j in range(0, len(mine), batch_size)]
+               device: torch.device | None = None, local_ranks: int = 1,
+               reader: Any = None) -> Any:
+    """This rank's share of the val set (`data.eval_batches`: every `world_size`-th sample
+    from `rank`, or a contiguous share of a streamed dataset's shards), in batches of
+    `batch_size` delivered on `device`; `reader` reads the images in the dataset's format;
+    `wrap` turns the dataset into its cached form; `local_ranks` share this node's shared
+    memory (`data.plan_loader`)."""
+    ds = wrap(D.ImageTextDataset(samples, names, transform, ["{}"], "templates", 0,
+                                 reader=reader))
+    batches = D.eval_batches(ds, rank, world_size, batch_size)
     pin = device is not None and device.type == "cuda"
     return D.make_loader(ds, batches, D.Collate(tokenizer, max_length), num_workers,
                          pin_memory=pin, device=device, local_ranks=local_ranks)

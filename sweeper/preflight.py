@@ -66,21 +66,26 @@ def check_loggers(spec: SweepSpec) -> None:
 
 def check_data(spec: SweepSpec) -> None:
     """Refuse a real dataset whose layout, class names, captions or class lists are bad,
-    or that has fewer classes than a grid point trains on (synthetic data is checked by
-    the spec itself)."""
-    if spec.data.synthetic is not None:
-        return
+    that cannot be reached (a bucket), or that has fewer classes than a grid point trains
+    on (synthetic data is checked by the spec itself)."""
+    # Every data section a trial reads: grid axes under `data.` (a format, a root) too.
+    datas = {t.data.model_dump_json(): t.data
+             for t in covering_configs(spec, lambda k: k.startswith("data.")) or []} \
+        if any(k.startswith("data.") for k in spec.grid.model_extra or {}) else {"": spec.data}
     counts = search.keyed_values(spec, "n_train_classes")
     sources = [v for _, v in search.keyed_values(spec, "text_source")]
-    train, val = D.check_dataset(spec.data, [k for _, k in counts], sources)
-    for key, k in counts:
-        if k > len(train.wnids):
-            raise SpecError(f"{key}: {k} exceeds the dataset's {len(train.wnids)} classes")
-    if not any(s.captions for s in val.samples):
-        for key, v in search.setting_values(spec, "eval.retrieval"):
-            if v is True:
-                raise D.DataError(f"{key}: true, but no val image of "
-                                  f"{spec.data.root} has a caption")
+    for data in datas.values():
+        if data.synthetic is not None:
+            continue
+        train, val = D.check_dataset(data, [k for _, k in counts], sources)
+        for key, k in counts:
+            if k > len(train.wnids):
+                raise SpecError(f"{key}: {k} exceeds the dataset's {len(train.wnids)} classes")
+        if not any(s.captions for s in val.samples):
+            for key, v in search.setting_values(spec, "eval.retrieval"):
+                if v is True:
+                    raise D.DataError(f"{key}: true, but no val image of "
+                                      f"{data.root} has a caption")
 
 
 def _json(folder: Path, name: str) -> dict[str, Any]:

@@ -94,9 +94,7 @@ def pretrain_tiny(tiny: Any, out_dir: Path, cache_dir: Path,
         / f"pretrain-px{tiny.image_size}-n{tiny.pretrain_per_class}-s{tiny.seed}",
         n_classes=n_classes, train_per_class=tiny.pretrain_per_class, val_per_class=1,
         image_size=tiny.image_size, seed=PRETRAIN_SEED_OFFSET + tiny.seed, splits=("train",))
-    names = json.loads((root / "classes.json").read_text())
-    captions = D.read_captions(root / "captions.jsonl")
-    split = D.scan_folder_split(root, "train", names, captions)
+    split = D.open_dataset(root, "folder", "classes.json", "captions.jsonl").split("train")
     # Each image twice: once with its captions, once with a template of its class name.
     samples = split.samples + [D.Sample(s.path, s.label, ()) for s in split.samples]
     family = FAMILIES[arch]

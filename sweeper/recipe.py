@@ -72,7 +72,7 @@ class TrialParts:
     data: D.TrialData
     inputs: C.TrialInputs
     loader_workers: int
-    sampler: D.GlobalBatchSampler
+    sampler: D.GlobalBatchSampler | D.StreamPlan
     loader: Any
     evaluate: Evaluator
     agree: Agreement
@@ -118,8 +118,8 @@ def setup_trial(cfg: TrialConfig, ctx: WorkerContext) -> TrialParts:
     if cfg.train.compile:  # in place: parameter names (checkpoints) and DDP stay the same
         for tower in ("text", "vision") if inputs.kind != "features" else ("text",):
             enc.model.get_submodule(enc.family.tower(tower).root).compile()
-    sampler = D.GlobalBatchSampler(len(td.train), cfg.batch_size, ctx.rank, ctx.world_size,
-                                   cfg.seed)
+    sampler = D.batch_plan(inputs.train, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed,
+                           cfg.data.shuffle_buffer)
     injected = faults.for_trial(cfg.trial_id)  # empty unless a fault-tolerance test asks
     collate = inputs.collate
     if "dataloader" in injected:
@@ -129,7 +129,7 @@ def setup_trial(cfg: TrialConfig, ctx: WorkerContext) -> TrialParts:
                            local_ranks=ctx.local_world_size)
     val = val_loader(td.val_samples, td.val_names, transform, tokenizer, max_len, ctx.rank,
                      ctx.world_size, cfg.eval.batch_size, nw, inputs.wrap_val, device,
-                     ctx.local_world_size)
+                     ctx.local_world_size, td.reader)
     evaluate = Evaluator(enc, val, td.val_names, td.eval_templates, td.seen, tokenizer,
                          max_len, device, autocast, cfg.eval.batch_size, ctx.world_size,
                          ctx.group, images=inputs.val_images,

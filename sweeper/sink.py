@@ -56,6 +56,7 @@ HISTORY_KEYS = (
     "val_top1_seen",
     "val_top1_unseen",
     "samples_per_s",
+    "data_wait_frac",
     "time_s",
     "skipped_images",
 )

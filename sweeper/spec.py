@@ -33,8 +33,9 @@ from pydantic import (
 
 from sweeper import search
 from sweeper.search import Distribution, SearchName, keyed_values, setting_values
-from sweeper.spec_base import Float, Int, SpecError
+from sweeper.spec_base import FilesystemOptions, Float, Int, SpecError
 from sweeper.spec_base import Strict as _Strict
+from sweeper.spec_data import DataSpec, SyntheticSpec, formats
 from sweeper.variants import (  # re-exported: part of the spec tree
     LORA_PRESETS,
     LossName,
@@ -43,8 +44,8 @@ from sweeper.variants import (  # re-exported: part of the spec tree
     variant_axis,
 )
 
-__all__ = ["LORA_PRESETS", "Float", "Int", "PeftSpec", "SpecError", "VariantSpec",
-           "variant_axis"]
+__all__ = ["LORA_PRESETS", "DataSpec", "Float", "Int", "PeftSpec", "SpecError",
+           "SyntheticSpec", "VariantSpec", "variant_axis"]
 
 TextSource = Literal["templates", "captions", "mixed"]
 # Bounds that keep every answer of the CLI (a dry run, a refusal) to a few seconds.
@@ -164,64 +165,6 @@ class CheckpointSpec(_Strict):
     upload: Literal["auto", "sync", "async"] = "auto"
 
 
-class SyntheticSpec(_Strict):
-    """Generated ImageNet-style dataset (shape x colour classes, captions with distractors)."""
-
-    n_classes: Int = Field(20, ge=2, le=64)
-    train_per_class: Int = Field(40, ge=1, le=100_000)
-    val_per_class: Int = Field(20, ge=1, le=100_000)
-    image_size: Int = Field(32, ge=8, le=1024)
-    seed: Int = 0
-
-
-class DataSpec(_Strict):
-    """Where the images, class names and captions come from."""
-
-    synthetic: SyntheticSpec | None = None
-    root: str | None = None
-    format: Literal["folder", "parquet"] = "folder"
-    class_names: str | None = None
-    captions: str | None = None
-    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)
-    eval_templates: list[str] | None = None
-    class_order: Literal["random", "sorted"] = "random"
-    train_classes: list[str] | None = None  # explicit class subset (wnids); overrides the draw
-    eval_classes: list[str] | None = None
-    # DataLoader processes per trial worker; auto: the CPUs the worker reserves
-    # (scaling.resources_per_worker.CPU) less one, at least 1
-    num_workers: Annotated[Int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
-    cache_images: bool = False  # decode images once to uint8 at the model's resolution
-    cache_dir: str | None = None  # where the caches live (default: <storage>/.cache)
-    # A frozen vision tower's image embeddings computed once, shared by every trial
-    cache_features: bool = True
-    augment: Literal["none", "flip"] = "none"  # flip: seeded horizontal flip (train)
-
-    @field_validator("templates", "eval_templates", mode="before")
-    @classmethod
-    def _one_or_list(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v  # one template, or a list of them
-
-    @field_validator("templates", "eval_templates")
-    @classmethod
-    def _has_slot(cls, v: list[str] | None) -> list[str] | None:
-        for i, t in enumerate(v or []):
-            if "{}" not in t:
-                raise ValueError(f"template [{i}] {t!r} has no '{{}}' slot for the class name")
-            try:  # what every trial does with it; other braces must be doubled ({{ }})
-                t.format("x")
-            except (IndexError, KeyError, ValueError) as e:
-                raise ValueError(f"template [{i}] {t!r} cannot be filled with a class name "
-                                 f"({type(e).__name__}: {e}); write literal braces as "
-                                 "{{ and }}") from None
-        return v
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSpec:
-        if (self.synthetic is None) == (self.root is None):
-            raise ValueError("give exactly one of data.synthetic or data.root")
-        return self
-
-
 class GridSpec(BaseModel):
     """Axes of the sweep: the named ones (`sweeper.search.NAMED_AXES`) and dotted spec
     paths (`train.lr: [1e-4, 3e-5]`); each a list of values or a distribution
@@ -287,7 +230,7 @@ class SweepSpec(_Strict):
     storage: str = "./results"  # a path, or a URI: s3://bucket/prefix, gs://..., hdfs://...
     # The pyarrow filesystem of `storage`, from options: {type: s3|gcs|hdfs|local|fsspec,
     # ...} (sweeper.storage); default: the one pyarrow resolves from the URI.
-    storage_filesystem: dict[str, Any] | None = None
+    storage_filesystem: FilesystemOptions = None
     model: ModelSpec = ModelSpec()
     variants: dict[str, VariantSpec] = Field(min_length=1)
     data: DataSpec
@@ -300,19 +243,6 @@ class SweepSpec(_Strict):
     loggers: list[Literal["tensorboard", "mlflow", "wandb", "csv", "json"]] = Field(
         default_factory=list
     )
-
-    @field_validator("storage_filesystem")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        # The spec is copied into sweep.json in the bucket: credentials stay in the
-        # environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) or the cloud's own files.
-        for key in v or {}:
-            if re.search(r"secret|password|token|access_key|credential", str(key), re.I):
-                raise ValueError(f"{key}: credentials do not belong in the spec; set them "
-                                 "in the environment (AWS_ACCESS_KEY_ID, ...)")
-        if v is not None and not isinstance(v.get("type"), str):
-            raise ValueError("needs a `type` (s3, gcs, hdfs, local or fsspec)")
-        return v
 
     @field_validator("variants")
     @classmethod
@@ -517,7 +447,8 @@ def _check_cross_fields(spec: SweepSpec) -> None:
     sources = {v for _, v in keyed_values(spec, "text_source")}
     needs_captions = "captions" in sources or "mixed" in sources
     d = spec.data
-    no_manifest = d.root is not None and d.captions is None and d.format != "parquet"
+    no_manifest = (d.root is not None and d.captions is None
+                   and not formats()[d.format].captions_inside)
     if needs_captions and no_manifest:
         raise SpecError("data.captions: text_source 'captions' needs a captions manifest")
     retrieval = [k for k, v in setting_values(spec, "eval.retrieval") if v is True]

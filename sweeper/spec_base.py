@@ -1,12 +1,13 @@
 """The building blocks of the spec tree (`sweeper.spec`): the strict, frozen model every
-section derives from, numbers that refuse YAML booleans, and the one-line refusal.
-Imports nothing of sweeper."""
+section derives from, numbers that refuse YAML booleans, filesystem options without
+credentials, and the one-line refusal. Imports nothing of sweeper."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 
 def _not_bool(v: Any) -> Any:
@@ -34,3 +35,19 @@ class Strict(BaseModel):
 
     # allow_inf_nan: `.inf` and `.nan` are YAML floats, and no key of ours means them.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+
+def _filesystem_options(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A `storage_filesystem` / `data.filesystem` mapping: a `type`, and no credentials."""
+    # The spec is copied into sweep.json in the bucket: credentials stay in the
+    # environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) or the cloud's own files.
+    for key in v or {}:
+        if re.search(r"secret|password|token|access_key|credential", str(key), re.I):
+            raise ValueError(f"{key}: credentials do not belong in the spec; set them "
+                             "in the environment (AWS_ACCESS_KEY_ID, ...)")
+    if v is not None and not isinstance(v.get("type"), str):
+        raise ValueError("needs a `type` (s3, gcs, hdfs, local or fsspec)")
+    return v
+
+
+FilesystemOptions = Annotated[dict[str, Any] | None, AfterValidator(_filesystem_options)]

@@ -281,7 +281,8 @@ def filesystem_options(options: Mapping[str, Any] | None) -> tuple[str, dict[str
     return str(opts.pop("type", "")), opts
 
 
-def _build_filesystem(storage: str, options: Mapping[str, Any]) -> tuple[pafs.FileSystem, str]:
+def _build_filesystem(storage: str, options: Mapping[str, Any],
+                      key: str = "storage_filesystem") -> tuple[pafs.FileSystem, str]:
     kind, opts = filesystem_options(options)
     m = URI.match(storage)
     path = storage[m.end():] if m else storage
@@ -290,17 +291,17 @@ def _build_filesystem(storage: str, options: Mapping[str, Any]) -> tuple[pafs.Fi
 
         protocol = opts.pop("protocol", None) or (m.group(1) if m else None)
         if not protocol:
-            raise SpecError("storage_filesystem.protocol: an fsspec filesystem needs its "
-                            "protocol (or a storage URI that names it)")
+            raise SpecError(f"{key}.protocol: an fsspec filesystem needs its protocol (or a "
+                            "URI that names it)")
         try:
             fs = fsspec.filesystem(protocol, **opts)
         except (ImportError, ValueError, TypeError) as e:
-            raise SpecError(f"storage_filesystem: fsspec {protocol!r}: "
+            raise SpecError(f"{key}: fsspec {protocol!r}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                             ) from None
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs._strip_protocol(storage)
     if kind not in FILESYSTEMS:
-        raise SpecError(f"storage_filesystem.type: {kind!r} is not one of "
+        raise SpecError(f"{key}.type: {kind!r} is not one of "
                         f"{', '.join([*FILESYSTEMS, 'fsspec'])}")
     if kind == "s3":
         # pyarrow reads AWS_ENDPOINT_URL for URIs but not for S3FileSystem(...) itself.
@@ -312,21 +313,22 @@ def _build_filesystem(storage: str, options: Mapping[str, Any]) -> tuple[pafs.Fi
     except (TypeError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         bad = re.search(r"keyword argument '(\w+)'", msg)
-        raise SpecError(f"storage_filesystem.{bad.group(1) if bad else 'type'}: {msg}"
-                        ) from None
+        raise SpecError(f"{key}.{bad.group(1) if bad else 'type'}: {msg}") from None
     except OSError as e:  # HDFS: no libhdfs on this machine
-        raise SpecError(f"storage_filesystem: {kind}: {str(e).splitlines()[0]}") from None
+        raise SpecError(f"{key}: {kind}: {str(e).splitlines()[0]}") from None
     return fs, (str(_local_path(path)) if kind == "local" else path.rstrip("/"))
 
 
-def resolve(storage: str | Path, options: Mapping[str, Any] | None = None) -> Location:
+def resolve(storage: str | Path, options: Mapping[str, Any] | None = None,
+            keys: tuple[str, str] = ("storage", "storage_filesystem")) -> Location:
     """The Location of `storage` (a path or URI) on the filesystem `options` describes
     (`storage_filesystem`), or the one pyarrow resolves from the URI (reading the cloud's
     settings and credentials from the environment as it is now). Raises SpecError (one
-    line) for an unknown scheme or bad options."""
+    line starting with the spec key of `keys`: the URI's, the options') for an unknown
+    scheme or bad options."""
     storage = str(storage)
     if options:
-        fs, path = _build_filesystem(storage, options)
+        fs, path = _build_filesystem(storage, options, keys[1])
         kind = options.get("type")
         if kind == "local":
             return Location(None, path)
@@ -338,7 +340,7 @@ def resolve(storage: str | Path, options: Mapping[str, Any] | None = None) -> Lo
     try:
         fs, path = pafs.FileSystem.from_uri(storage)
     except OSError as e:  # S3 region lookup of a bucket that cannot be reached
-        raise SpecError(f"storage: {storage!r}: {_cause(e)}") from None
+        raise SpecError(f"{keys[0]}: {storage!r}: {_cause(e)}") from None
     except Exception:  # pyarrow does not know the scheme: perhaps fsspec does
         try:
             import fsspec
@@ -346,10 +348,10 @@ def resolve(storage: str | Path, options: Mapping[str, Any] | None = None) -> Lo
             fsspec.get_filesystem_class(scheme)
         except (ImportError, ValueError):
             raise SpecError(
-                f"storage: {storage!r}: no pyarrow or fsspec filesystem for {scheme}:// "
-                "(use a local path, s3://, gs://, hdfs://, or set storage_filesystem)"
+                f"{keys[0]}: {storage!r}: no pyarrow or fsspec filesystem for {scheme}:// "
+                f"(use a local path, s3://, gs://, hdfs://, or set {keys[1]})"
             ) from None
-        fs, path = _build_filesystem(storage, {"type": "fsspec", "protocol": scheme})
+        fs, path = _build_filesystem(storage, {"type": "fsspec", "protocol": scheme}, keys[1])
     return Location(fs, path.rstrip("/"), scheme)
 
 
@@ -371,6 +373,11 @@ _CAUSES = (  # what the AWS/GCS errors that pyarrow passes on mean, in the user'
      "no credentials were found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
      "AWS_PROFILE, or give the node an instance role)"),
 )
+
+
+def explain_error(e: BaseException) -> str:
+    """What an error of a cloud filesystem means, in the user's words, with its text."""
+    return _cause(e)
 
 
 def _cause(e: BaseException) -> str:

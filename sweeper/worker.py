@@ -49,7 +49,50 @@ class Diverged(RuntimeError):
 def _initial_state() -> dict[str, Any]:
     return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0,
             "best_val_top1": None, "best_step": None, "skipped_images": 0,
-            "time_offset_s": 0.0, "zero_shot_top1": None}
+            "time_offset_s": 0.0, "zero_shot_top1": None, "data_wait_s": 0.0, "loop_s": 0.0}
+
+
+WAIT_WARN = 0.10  # a worker's epoch line says so when it waited longer for data
+
+
+class _DataClock:
+    """The training loop's time and the part of it blocked on the loader's next batch
+    (`data_wait_frac`). Host time only: on a GPU the step runs ahead asynchronously, so a
+    loop whose GPU is the bottleneck blocks at its syncs, not in `next()`; nothing here
+    adds a sync. Evaluations and checkpoints (`pause`) are not loop time."""
+
+    def __init__(self) -> None:
+        self.waited = self.paused = 0.0
+
+    def batches(self, loader: Any) -> Any:
+        """The loader's batches, the time blocked in `iter` and `next` counted."""
+        t = time.perf_counter()
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - t
+            yield batch
+            t = time.perf_counter()
+
+    def pause(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`, its time not counted as the loop's."""
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.paused += time.perf_counter() - t
+
+    def mark(self) -> tuple[float, float, float]:
+        return time.perf_counter(), self.waited, self.paused
+
+    def since(self, mark: tuple[float, float, float]) -> tuple[float, float]:
+        """(loop seconds, of which waiting for data) since `mark`."""
+        t, w, p = mark
+        return time.perf_counter() - t - (self.paused - p), self.waited - w
 
 
 @dataclass
@@ -86,10 +129,12 @@ class _Sequencer:
         every, log_every = cfg.eval.every_steps, cfg.train.log_every_steps
         loss_sum = torch.zeros((), device=device)
         n_loss, t_int, n_int = 0, time.time(), 0
+        clock = _DataClock()
+        interval = clock.mark()
         while st["step"] < p.n_steps:
             sampler.epoch, sampler.skip_batches = st["epoch"], st["batch_in_epoch"]
-            steps_before = st["step"]
-            for batch in p.loader:
+            steps_before, epoch_start = st["step"], clock.mark()
+            for batch in clock.batches(p.loader):
                 size, skipped = p.agree.batch(batch["size"], batch["skipped"])
                 st["skipped_images"] += skipped
                 st["batch_in_epoch"] += 1  # a batch of unreadable images is a position too
@@ -111,19 +156,34 @@ class _Sequencer:
                     if loss is not None and not math.isfinite(loss):
                         raise Diverged(f"non-finite loss at step {st['step']}")
                 if end_of_epoch:
+                    self._epoch_wait(*clock.since(epoch_start))
                     st["epoch"], st["batch_in_epoch"] = st["epoch"] + 1, 0
                 if due_eval or due_log:
                     dt = time.time() - t_int
                     sps = n_int / dt if dt > 0 and n_int else None
                     _progress(cfg, self.ctx, st, p.n_steps, loss, sps)
                     if due_eval:
-                        self.report(loss, sps)
+                        loop_s, waited = clock.since(interval)
+                        st["loop_s"] += loop_s
+                        st["data_wait_s"] += waited
+                        clock.pause(self.report, loss, sps,
+                                    waited / loop_s if loop_s > 0 else None)
                         loss_sum.zero_()
                         n_loss, t_int, n_int = 0, time.time(), 0
+                        interval = clock.mark()
                 if last or end_of_epoch:
                     break
             if st["step"] == steps_before:
                 raise D.DataError(f"epoch {st['epoch']}: no readable training image")
+
+    def _epoch_wait(self, loop_s: float, waited: float) -> None:
+        """Say so (rank 0) when the epoch's loop waited for data over WAIT_WARN of it."""
+        if self.ctx.rank == 0 and loop_s > 0 and waited / loop_s > WAIT_WARN:
+            log.warning("[%s] epoch %d: data_wait_frac %.2f: the training loop waited %.0f%% "
+                        "of its time for data; more DataLoader workers "
+                        "(scaling.resources_per_worker.CPU, data.num_workers) or "
+                        "data.cache_images would feed it", self.cfg.trial_id,
+                        self.st["epoch"], waited / loop_s, 100 * waited / loop_s)
 
     def _mean_loss(self, loss_sum: torch.Tensor, n: int) -> float | None:
         """Mean global loss per step since the last report (a host sync). Each rank holds
@@ -134,7 +194,8 @@ class _Sequencer:
             loss_sum /= self.ctx.world_size
         return loss_sum.item() / n if n else None
 
-    def report(self, train_loss: float | None, samples_per_s: float | None) -> dict[str, Any]:
+    def report(self, train_loss: float | None, samples_per_s: float | None,
+               data_wait_frac: float | None = None) -> dict[str, Any]:
         """Evaluate, append the history and per-class rows, and hand the metrics (listed in
         `run_trial`'s docstring) with a checkpoint (written by rank 0; none at step 0,
         whose weights are the pretrained ones) to `ctx.report`."""
@@ -152,7 +213,8 @@ class _Sequencer:
             "logit_scale": p.enc.logit_scale.detach().float().exp().item(),
             "logit_bias": p.enc.logit_bias.detach().float().item(),
             **m,
-            "samples_per_s": samples_per_s, "time_s": self.elapsed(),
+            "samples_per_s": samples_per_s, "data_wait_frac": data_wait_frac,
+            "time_s": self.elapsed(),
             "skipped_images": st["skipped_images"] + skipped_val,
             "best_val_top1": st["best_val_top1"], "best_step": st["best_step"],
         }
@@ -191,6 +253,7 @@ class _Sequencer:
                  "best_step": st["best_step"], "zero_shot_top1": st["zero_shot_top1"],
                  "steps": st["step"], "samples_seen": st["samples_seen"],
                  "epochs": self.epochs(), "skipped_images": st["skipped_images"],
+                 "data_wait_frac": st["data_wait_s"] / st["loop_s"] if st["loop_s"] else None,
                  "ended_at": _now(), "wall_time_s": self.elapsed()}
         if self.sink:
             if self.cfg.train.save_final and status == "terminated":
@@ -224,8 +287,11 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
     - with retrieval on (`eval.retrieval`), `val_i2t_r1/5/10` and `val_t2i_r1/5/10` over the
       val images that have captions (`evaluation.retrieval_metrics`);
     - `samples_per_s`: training throughput since the previous report, evaluation excluded;
+      `data_wait_frac`: the share of the training loop's time since the previous report
+      spent blocked on the loader's next batch (`_DataClock`; None at step 0);
       `time_s`: wall time since the trial started, carried over resumes;
-      `skipped_images`: unreadable images skipped so far;
+      `skipped_images`: unreadable images skipped so far (and samples the scan could not
+      use: a WebDataset sample without a label or with an image over the size bound);
     - `best_val_top1` and `best_step`: the best val_top1 so far and the step it was reached.
 
     Per-class top-1 goes to per_class.jsonl. A non-finite loss ends the trial with status
@@ -244,6 +310,8 @@ def run_trial(cfg: TrialConfig, ctx: WorkerContext) -> dict[str, Any]:
                                       restore_rng=True))
         if sink:
             sink.truncate_after(seq.st["step"])
+    else:
+        seq.st["skipped_images"] = p.data.skipped
     if sink:
         td = p.data
         trainable, total = p.enc.param_counts()

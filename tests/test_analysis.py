@@ -99,6 +99,7 @@ def _history(cfg: dict[str, Any], final: float, steps: int = 10) -> list[dict[st
                 "val_top1_seen": None if val is None else min(1.0, val + 0.05),
                 "val_top1_unseen": None if val is None else val - 0.05,
                 "samples_per_s": None if step == 0 else 100.0,
+                "data_wait_frac": None if step == 0 else 0.1 * (step % 2),
                 "time_s": step * 1.5,
                 "skipped_images": 0,
             }
@@ -193,6 +194,7 @@ def make_experiment(
             "best_step": 10,
             "zero_shot_top1": zero_shot(cfg["n_train_classes"]),
             "wall_time_s": 42.0,
+            "data_wait_frac": 0.125,
             "total_steps": 10,
             "started_at": "2026-01-01T09:00:00+00:00",
             "ended_at": "2026-01-01T09:01:00+00:00",
@@ -307,7 +309,7 @@ def test_trials_rows_statuses_and_columns(built: tuple[Path, dict[str, Path]]) -
         *("same_class_pairs", "num_workers", "pretrained", "trust_remote_code", "status"),
         *("error", "zero_shot_top1", "val_top1", "val_top5", "val_top1_seen", "val_top1_unseen"),
         *("train_loss", "best_val_top1", "best_step", "train_classes", "samples_seen", "steps"),
-        *("epochs", "wall_time_s", "trial_path"),
+        *("epochs", "wall_time_s", "data_wait_frac", "trial_path"),
     ]
     assert not set(required) - set(trials.columns)
 
@@ -328,12 +330,14 @@ def test_trials_rows_statuses_and_columns(built: tuple[Path, dict[str, Path]]) -
     # Device-hours: 1 worker x 1 CPU x 42 s.
     assert done["device_hours"] == pytest.approx(42.0 / 3600)
     assert done["trial_path"] == str(exp / "trials" / "siglit-templates-bs64-k2-s1")
+    assert done["data_wait_frac"] == 0.125  # the whole trial's, from status.json
 
     # A killed trial keeps what it reported before the torn line.
     running = trials.loc[RUNNING]
     assert running["steps"] == 5
     assert running["zero_shot_top1"] == pytest.approx(zero_shot(10))
     assert running["wall_time_s"] == 7.5  # time_s of its last report
+    assert running["data_wait_frac"] == pytest.approx(0.1)  # its reports' mean
     assert running["tune_path"] == str(exp / RUNNING)  # Tune's folder, by its name
     # History came from Tune's result.json when ours is missing, never over ours.
     assert trials.loc[TUNE_HISTORY, "steps"] == 10

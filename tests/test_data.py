@@ -93,7 +93,7 @@ def test_folder_counts_labels_and_extensions(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "ds")
     (root / "train" / WNIDS[0] / "notes.txt").write_text("not an image")
     (root / "train" / ".cache").mkdir()
-    train, val = D.load_folder_dataset(root, "classes.json", "captions.jsonl")
+    train, val = D.open_dataset(root, "folder", "classes.json", "captions.jsonl").load()
     assert train.wnids == WNIDS and val.wnids == WNIDS
     assert train.names == [NAMES[w] for w in WNIDS]
     assert len(train.samples) == 5 * 4 and len(val.samples) == 5 * 2
@@ -103,7 +103,7 @@ def test_folder_counts_labels_and_extensions(tmp_path: Path) -> None:
     with_caps = [s for s in train.samples if s.captions]
     assert len(with_caps) == 5 * 3 and all(len(s.captions) == 2 for s in with_caps)
     # Class names are optional for folders: the wnid is the name.
-    train2, _ = D.load_folder_dataset(root, None, None)
+    train2, _ = D.open_dataset(root, "folder", None, None).load()
     assert train2.names == WNIDS and not any(s.captions for s in train2.samples)
 
 
@@ -139,7 +139,7 @@ def test_missing_class_name_names_the_wnid(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "ds")
     (root / "classes.json").write_text(json.dumps({w: NAMES[w] for w in WNIDS[:4]}))
     with pytest.raises(D.DataError) as e:
-        D.load_folder_dataset(root, root / "classes.json", None)
+        D.open_dataset(root, "folder", root / "classes.json", None).load()
     assert f"'{WNIDS[4]}'" in one_line(e) and "data.class_names" in one_line(e)
 
 
@@ -175,7 +175,7 @@ def test_caption_matched_by_path_or_id(tmp_path: Path) -> None:
     (root / "caps.jsonl").write_text(
         json.dumps({"image": f"train/{WNIDS[0]}/{WNIDS[0]}_train0.JPEG", "caption": "by path"})
         + "\n" + json.dumps({"id": first.stem, "caption": "by id"}) + "\n")
-    train, _ = D.load_folder_dataset(root, None, root / "caps.jsonl")
+    train, _ = D.open_dataset(root, "folder", None, root / "caps.jsonl").load()
     by_path = {Path(s.path).name: s.captions for s in train.samples if s.captions}
     assert by_path == {f"{WNIDS[0]}_train0.JPEG": ("by path",), first.name: ("by id",)}
 
@@ -289,7 +289,7 @@ def test_corrupt_images_skipped_and_counted(tmp_path: Path, caplog) -> None:
     (d / "truncated.JPEG").write_bytes(good[: len(good) // 2])
     (d / "garbage.jpg").write_bytes(b"this is not a jpeg at all")
     (d / "empty.png").write_bytes(b"")
-    train, _ = D.load_folder_dataset(root, None, None)
+    train, _ = D.open_dataset(root, "folder", None, None).load()
     bad = {i for i, s in enumerate(train.samples) if Path(s.path).stem in
            ("truncated", "garbage", "empty")}
     assert len(bad) == 3
@@ -335,7 +335,7 @@ def test_symlinks_leaving_root_not_followed(tmp_path: Path) -> None:
     inner = root / "train" / WNIDS[1] / sorted(p.name for p in (root / "train" / WNIDS[1])
                                                 .iterdir())[0]
     (root / "train" / WNIDS[0] / "inside.jpg").symlink_to(inner)  # stays inside: followed
-    train, _ = D.load_folder_dataset(root, None, None)
+    train, _ = D.open_dataset(root, "folder", None, None).load()
     names = {Path(s.path).name for s in train.samples}
     assert "escape.jpg" not in names and "inside.jpg" in names
     assert train.wnids == WNIDS[:2]
@@ -515,15 +515,17 @@ def test_parquet_export_read_lazily(tmp_path: Path, monkeypatch) -> None:
         return real(self, i, columns=columns, **kw)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
-    train, val = D.load_parquet_dataset(root, root / "classes.json", None)
+    dataset = D.open_dataset(root, "parquet", root / "classes.json", None)
+    train, val = dataset.load()
     assert all("image" not in cols for _, _, cols in reads)  # no image bytes while indexing
     assert train.wnids == WNIDS[:3] and train.names == [NAMES[w] for w in WNIDS[:3]]
     assert len(train.samples) == 12 and len(val.samples) == 6
     assert [s.label for s in train.samples] == [c for c in range(3) for _ in range(4)]
     assert sum(bool(s.captions) for s in train.samples) == 6
-    assert {s.row_group for s in train.samples} == {0, 1, 2}
+    assert {s.at[0] for s in train.samples} == {0, 1, 2}
     # Images come a row group at a time through a small per-process LRU.
-    ds = D.ImageTextDataset(train.samples, train.names, TF, ["{}"], "mixed", 0)
+    ds = D.ImageTextDataset(train.samples, train.names, TF, ["{}"], "mixed", 0,
+                            reader=dataset.reader())
     reads.clear()
     items = [ds[i] for i in range(len(ds))]
     assert all(it["pixel_values"].shape == (3, 16, 16) for it in items)
@@ -550,7 +552,7 @@ def test_parquet_class_names(tmp_path: Path, case: str) -> None:
     elif case == "wnid_labels":
         names = root / "classes.csv"
         names.write_text("wnid,name\n" + "".join(f"{w},{n}\n" for w, n in NAMES.items()))
-    train, val = D.load_parquet_dataset(root, names, None)
+    train, val = D.open_dataset(root, "parquet", names, None).load()
     assert train.wnids == WNIDS[:3] == val.wnids
     expected = WNIDS[:3] if case == "hf_names_only" else [NAMES[w] for w in WNIDS[:3]]
     assert train.names == expected
@@ -559,7 +561,7 @@ def test_parquet_class_names(tmp_path: Path, case: str) -> None:
 def test_parquet_refusals(tmp_path: Path) -> None:
     root = make_parquet(tmp_path / "pq", hf=False)
     with pytest.raises(D.DataError) as e:  # int labels and no names anywhere
-        D.load_parquet_dataset(root, None, None)
+        D.open_dataset(root, "parquet", None, None).load()
     assert "label 0 in" in one_line(e) and "train-00000-of-00002.parquet" in one_line(e)
     (root / "validation" / "part-0.parquet").unlink()
     (root / "validation").rmdir()
@@ -569,11 +571,11 @@ def test_parquet_refusals(tmp_path: Path) -> None:
     assert str(root / "val") in one_line(e) and "missing split" in one_line(e)
     pq.write_table(pa.table({"label": [0]}), root / "val.parquet")
     with pytest.raises(D.DataError) as e:
-        D.load_parquet_dataset(root, root / "classes.json", None)
+        D.open_dataset(root, "parquet", root / "classes.json", None).load()
     assert "no 'image' column" in one_line(e)
     (root / "val.parquet").write_bytes(b"PAR1 truncated")
     with pytest.raises(D.DataError) as e:
-        D.load_parquet_dataset(root, root / "classes.json", None)
+        D.open_dataset(root, "parquet", root / "classes.json", None).load()
     assert f"{root / 'val.parquet'}: cannot read Parquet" in one_line(e)
 
 
@@ -583,8 +585,10 @@ def test_parquet_bad_image_bytes_skipped(tmp_path: Path) -> None:
     rows = [(good, "a.jpg", "n1", "c"), (good[:40], "b.jpg", "n1", "c"), (None, None, "n1", "c")]
     write_export(root / "train.parquet", rows)
     write_export(root / "val.parquet", rows)
-    train, _ = D.load_parquet_dataset(root, None, None)
-    ds = D.ImageTextDataset(train.samples, train.names, TF, ["{}"], "templates", 0)
+    dataset = D.open_dataset(root, "parquet", None, None)
+    train, _ = dataset.load()
+    ds = D.ImageTextDataset(train.samples, train.names, TF, ["{}"], "templates", 0,
+                            reader=dataset.reader())
     b = D.Collate(FakeTokenizer(), 8)(ds.__getitems__([0, 1, 2]))
     assert b["size"] == 1 and b["skipped"] == 2
 

@@ -94,7 +94,7 @@ def test_pretrained_tiny_beats_chance_zero_shot(tiny, cache_dir: Path) -> None:
     model, processor = tiny
     root = dataset_dir(**SYNTH, cache_dir=cache_dir)
     tf = D.ImageTransform.from_processor(processor.image_processor)
-    _, val = D.load_folder_dataset(root, root / "classes.json", None)
+    _, val = D.open_dataset(root, "folder", root / "classes.json", None).load()
     ds = D.ImageTextDataset(val.samples, val.names, tf, ["{}"], "templates", 0)
     loader = D.make_loader(ds, [[(i, 0) for i in range(len(ds))]],
                            D.Collate(processor.tokenizer, 16), 0)

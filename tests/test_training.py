@@ -31,7 +31,7 @@ from sweeper.worker import WorkerContext, run_trial
 from tests.conftest import SYNTH, TINY, base_doc
 
 # 4 of 8 synthetic classes x 12 images = 48 training images: 3 steps per epoch at batch 16.
-TIMING = {"time_s", "samples_per_s", "ended_at", "wall_time_s"}
+TIMING = {"time_s", "samples_per_s", "ended_at", "wall_time_s", "data_wait_frac"}
 # Warmup then cosine, per-tower learning rates, clipping and decay: resume must restore all.
 RICH = {"epochs": 2, "lr": 1e-3, "lr_text": 2e-3, "warmup_steps": 2, "schedule": "cosine",
         "max_grad_norm": 1.0, "weight_decay": 0.01}
@@ -261,8 +261,11 @@ def test_step0_is_the_untouched_model_and_seen_unseen_match_per_class(
         assert rep["val_top1"] == pytest.approx(sum(acc.values()) / 8)
     # Every report carries the documented metrics; logit_scale is the temperature exp(t).
     keys = {"epoch", "step", "samples_seen", "train_loss", "lr", "logit_scale", "logit_bias",
-            *VAL_KEYS, "samples_per_s", "time_s", "best_val_top1", "best_step"}
+            *VAL_KEYS, "samples_per_s", "data_wait_frac", "time_s", "best_val_top1",
+            "best_step"}
     assert all(keys <= set(r) for r in reports)
+    waits = [r["data_wait_frac"] for r in reports]
+    assert waits[0] is None and all(0 <= w <= 1 for w in waits[1:])
     model, _ = load_model(cfg.model, cache_dir)
     assert first["logit_scale"] == pytest.approx(model.logit_scale.exp().item())
     assert first["logit_bias"] == pytest.approx(model.logit_bias.item())

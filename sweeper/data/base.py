@@ -27,23 +27,34 @@ class DataError(ValueError):
 class Sample:
     """One image, its class index and its captions (possibly none).
 
-    Folder data: `path` is the image file. Parquet data: `path` is the Parquet file and the
-    image is row `row` of row group `row_group` (both -1 for files)."""
+    `path` is the file that holds the image (a local path, or a path on the dataset's
+    filesystem) and `at` where in that file it is, in the terms of the format that scanned
+    it (empty: the whole file is the image; a Parquet (row group, row); a WebDataset
+    shard's (byte offset, bytes) of the sample's members). Only the format's own module
+    reads `at`."""
 
     path: str
     label: int
     captions: tuple[str, ...] = ()
-    row_group: int = -1
-    row: int = -1
+    at: tuple[int, ...] = ()
+
+    @property
+    def id(self) -> tuple[str, tuple[int, ...]]:
+        """What identifies the image within its dataset (rows of the caches are matched
+        on it)."""
+        return self.path, self.at
 
 
 @dataclass
 class DataSplit:
-    """The samples of one split and the classes they are labelled with."""
+    """The samples of one split and the classes they are labelled with. `skipped`: samples
+    the scan found but could not use (no label, an image member over the size bound),
+    counted in the trials' `skipped_images`."""
 
     samples: list[Sample]
     wnids: list[str]  # label index -> wnid (class key)
     names: list[str]  # label index -> class name
+    skipped: int = 0
 
 
 def inside_root(path: Path, real_root: Path) -> bool:

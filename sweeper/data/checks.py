@@ -9,19 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from sweeper.data.base import DataError, DataSplit
-from sweeper.data.layouts import load_folder_dataset, load_parquet_dataset, resolved_inputs
 from sweeper.data.selection import choose_train_classes
+from sweeper.data.source import dataset_of
 
 log = logging.getLogger(__name__)
 
 
 def load_dataset(data_spec: Any, root: str | Path | None = None,
                  ) -> tuple[DataSplit, DataSplit]:
-    """(train, val) of the spec's data, whatever its format, fully scanned and checked."""
-    r, class_names, captions = resolved_inputs(data_spec, root)
-    if data_spec.format == "parquet":
-        return load_parquet_dataset(r, class_names, captions)
-    return load_folder_dataset(r, class_names, captions)
+    """(train, val) of the spec's data, whatever its format and wherever it is, fully
+    scanned and checked (`source.Dataset.load`)."""
+    return dataset_of(data_spec, root).load()
 
 
 def check_dataset(data_spec: Any, n_train_classes: Sequence[int] = (),

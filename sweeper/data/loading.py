@@ -3,25 +3,26 @@ that hands batches to the step on the device."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
 import math
-import os
 import shutil
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sweeper.data.base import ROW_GROUP_CACHE, Sample, inside_root
+from sweeper.data.base import Sample
+from sweeper.data.formats.base import Reader
+from sweeper.data.formats.folder import FolderReader
 from sweeper.data.selection import pick_text
+from sweeper.data.streaming import StreamedBatches, StreamPlan
 from sweeper.data.transform import ImageTransform, Transform
 from sweeper.families import IMAGE_KEYS
 
@@ -40,42 +41,6 @@ def _warn_bad(where: str, err: BaseException) -> None:
         _WARNED.add(where)
         log.warning("skipping unreadable image %s: %s: %s", where, type(err).__name__,
                     str(err).splitlines()[0][:200] if str(err) else "")
-
-
-class _RowGroupCache:
-    """The `image` column of the last few Parquet row groups read (per process)."""
-
-    def __init__(self, size: int = ROW_GROUP_CACHE) -> None:
-        self.size = size
-        self.groups: OrderedDict[tuple[str, int], Any] = OrderedDict()
-        self.files: OrderedDict[str, Any] = OrderedDict()
-
-    def _file(self, path: str) -> Any:
-        import pyarrow.parquet as pq
-
-        pf = self.files.pop(path, None) or pq.ParquetFile(path)
-        self.files[path] = pf
-        while len(self.files) > self.size:
-            self.files.popitem(last=False)
-        return pf
-
-    def get(self, path: str, row_group: int, row: int) -> tuple[bytes | None, str | None]:
-        key = (path, row_group)
-        col = self.groups.pop(key, None)
-        if col is None:
-            col = self._file(path).read_row_group(row_group, columns=["image"]).column(0)
-            col = col.combine_chunks()
-        self.groups[key] = col
-        while len(self.groups) > self.size:
-            self.groups.popitem(last=False)
-        import pyarrow as pa
-
-        if pa.types.is_struct(col.type):
-            names = [col.type.field(i).name for i in range(col.type.num_fields)]
-            b = col.field("bytes")[row].as_py() if "bytes" in names else None
-            p = col.field("path")[row].as_py() if "path" in names else None
-            return b, p
-        return col[row].as_py(), None
 
 
 class _Items(list):
@@ -111,15 +76,20 @@ class ImageTextDataset(torch.utils.data.Dataset):
     """Indexable by `(index, epoch)` so the text drawn per sample changes with the epoch
     even inside persistent DataLoader workers (they never see a `set_epoch` call).
 
+    `reader` reads the images in the dataset's format (`Format.reader`; default: samples
+    are local image files). A streamed format's images come in whole batches, read with
+    their shard (`streaming.StreamedBatches` calls `batch_from_bytes`).
+
     An unreadable, truncated or decompression-bomb image is logged once, counted
-    (`skipped` on the item) and never raises. With `substitute_bad` (training), the next
-    readable sample takes its place so every rank keeps the same batch size (the global-
-    batch losses need equal shards); otherwise the item is only the count.
+    (`skipped` on the item) and never raises. With `substitute_bad` (training, formats
+    read by image), the next readable sample takes its place so every rank keeps the same
+    batch size (the global-batch losses need equal shards); otherwise the item is only the
+    count (the ranks then agree on the smallest batch, `Agreement.batch`).
     """
 
     def __init__(self, samples: Sequence[Sample], names: Sequence[str], transform: Transform,
                  templates: Sequence[str], text_source: str, seed: int,
-                 substitute_bad: bool = False, root: str | Path | None = None) -> None:
+                 substitute_bad: bool = False, reader: Reader | None = None) -> None:
         self.samples = list(samples)
         self.names = list(names)
         self.transform = transform
@@ -127,53 +97,60 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.text_source = text_source
         self.seed = seed
         self.substitute_bad = substitute_bad
-        self.root = str(root) if root is not None else None
-        self._cache: _RowGroupCache | None = None
+        self.reader = reader if reader is not None else FolderReader()
+        self._bytes: dict[int, bytes | None] | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cache": None}  # each worker process opens its own files
+    @property
+    def streamed(self) -> bool:
+        """Its images are read shard by shard (a `StreamPlan` orders them), not by index."""
+        return self.reader.streamed
 
     def __len__(self) -> int:
         return len(self.samples)
 
     # -- reading
 
-    def _open(self, s: Sample) -> Image.Image:
-        if s.row_group < 0:
-            return Image.open(s.path)
-        if self._cache is None:
-            self._cache = _RowGroupCache()
-        data, path = self._cache.get(s.path, s.row_group, s.row)
-        if data is not None:
+    def _open(self, index: int) -> Image.Image:
+        if self._bytes is not None:  # a streamed batch: read with its shard
+            data = self._bytes.get(index)
+            if not data:
+                raise OSError("unreadable in its shard (corrupt, truncated or too large)")
             return Image.open(io.BytesIO(data))
-        if not path:
-            raise OSError("row has neither image bytes nor a path")
-        base = Path(self.root) if self.root else Path(s.path).parent
-        p = Path(path) if Path(path).is_absolute() else base / path
-        if not inside_root(p, Path(os.path.realpath(base))):
-            raise OSError(f"image path {path!r} leaves the data root")
-        return Image.open(p)
-
-    def _where(self, s: Sample) -> str:
-        return s.path if s.row_group < 0 else f"{s.path}[row group {s.row_group}, row {s.row}]"
+        return Image.open(self.reader.open(self.samples[index]))
 
     def load_uint8(self, index: int) -> np.ndarray | None:
         """The sample's image resized for the model (HWC uint8), or None (logged) when it
         cannot be read. Decompression-bomb warnings count as errors."""
-        s = self.samples[index]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with self._open(s) as im:
+                with self._open(index) as im:
                     return self.transform.resize_uint8(im)
         except Exception as e:  # any decoder failure: one bad file never ends a trial
-            _warn_bad(self._where(s), e)
+            _warn_bad(self.reader.where(self.samples[index]), e)
             return None
+
+    @contextlib.contextmanager
+    def prefetched(self, images: dict[int, bytes | None]) -> Iterator[None]:
+        """Within: samples are read from `images` ({index: bytes, None when unreadable}),
+        the bytes a streamed format read with their shard."""
+        self._bytes = images
+        try:
+            yield
+        finally:
+            self._bytes = None
+
+    def batch_from_bytes(self, keys: Sequence[tuple[int, int]],
+                         images: dict[int, bytes | None]) -> _Items:
+        """The batch of `keys` (as `__getitems__` builds it) from image bytes already read
+        (None: unreadable)."""
+        with self.prefetched(images):
+            return self.__getitems__(keys)
 
     def _readable(self, index: int) -> tuple[int, np.ndarray | None, int]:
         """(index actually used, its pixels, bad images met)."""
         arr = self.load_uint8(index)
-        if arr is not None or not self.substitute_bad:
+        if arr is not None or not self.substitute_bad or self._bytes is not None:
             return index, arr, int(arr is None)
         bad, n = 1, len(self.samples)
         for j in range(1, min(n, 16)):
@@ -202,15 +179,15 @@ class ImageTextDataset(torch.utils.data.Dataset):
                           self.transform.inputs(arr), bad)
 
     def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> _Items:
-        """A whole batch (what `Collate` takes): Parquet rows read grouped by row group,
+        """A whole batch (what `Collate` takes): images read grouped by file (Parquet rows
+        by row group),
         each image resized straight into one uint8 batch tensor (normalised later, once
         per batch, by `Collate` or by the loader `make_loader` builds)."""
         keys = [k if isinstance(k, tuple) else (k, 0) for k in keys]
         size = self.transform.output_size
         if size is None or not keys:  # sizes differ per image: one float tensor each
             return _Items(self[k] for k in keys)
-        order = sorted(range(len(keys)), key=lambda i: (
-            self.samples[keys[i][0]].path, self.samples[keys[i][0]].row_group, i))
+        order = sorted(range(len(keys)), key=lambda i: (*self.samples[keys[i][0]].id, i))
         items = _Items([None] * len(keys))
         items.uint8, items.transform = _batch_buffer(len(keys), *size), self.transform
         rows = items.uint8.numpy()
@@ -461,7 +438,9 @@ def make_loader(ds: torch.utils.data.Dataset, sampler: Any, collate: Any, num_wo
                 pin_memory: bool = False, device: torch.device | None = None,
                 augment: str = "none", seed: int = 0, local_ranks: int = 1) -> DeviceBatches:
     """A DataLoader over a batch sampler (workers persist across epochs when there are any),
-    its batches delivered on `device` by `DeviceBatches`.
+    its batches delivered on `device` by `DeviceBatches`. A `StreamPlan` as the sampler
+    (a streamed dataset: `batch_plan`) makes the workers read the plan's shards front to
+    back, each building its own batches (`streaming.StreamedBatches`).
 
     With an `ImageTextDataset` and a `Collate`, decoded images bound for an accelerator
     cross from the workers as uint8 (a quarter of the bytes through shared memory and
@@ -475,24 +454,46 @@ def make_loader(ds: torch.utils.data.Dataset, sampler: Any, collate: Any, num_wo
     if wrap:
         collate = dataclasses.replace(collate, uint8=True)
     prefetch = PREFETCH
+    streamed = isinstance(sampler, StreamPlan)
     if num_workers > 0:
-        first = next(iter(sampler), [])
-        nbytes = batch_nbytes(len(first), transform if images else None,
+        n = sampler.per_rank_batch if streamed else len(next(iter(sampler), []))
+        nbytes = batch_nbytes(n, transform if images else None,
                               getattr(collate, "max_length", 0), 1 if wrap else 4)
         num_workers, prefetch, note = plan_loader(num_workers, nbytes, local_ranks,
                                                   shm_free_bytes())
         if note and note not in _WARNED:
             _WARNED.add(note)
             log.warning("loader: %s", note)
-    loader = torch.utils.data.DataLoader(
-        ds,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        # The batch sampler runs in this process, so a persistent worker still sees each
-        # epoch's new order; keeping workers alive saves their start-up every epoch.
-        persistent_workers=num_workers > 0,
-        prefetch_factor=prefetch if num_workers > 0 else None,
-    )
+    # The batch sampler runs in this process, so a persistent worker still sees each
+    # epoch's new order; a stream plan keeps its epoch in shared memory for the same
+    # reason. Keeping workers alive saves their start-up every epoch.
+    common = {"collate_fn": collate, "num_workers": num_workers, "pin_memory": pin_memory,
+              "persistent_workers": num_workers > 0,
+              "prefetch_factor": prefetch if num_workers > 0 else None}
+    if streamed:
+        sampler.workers = num_workers
+        loader = torch.utils.data.DataLoader(StreamedBatches(ds, sampler), batch_size=None,
+                                             **common)
+    else:
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, **common)
     return DeviceBatches(loader, device, transform if wrap else None, augment, seed, sampler)
+
+
+def batch_plan(ds: Any, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+               shuffle_buffer: int = 1000) -> GlobalBatchSampler | StreamPlan:
+    """The training batches of `ds` on this rank: its slice of each global batch of
+    `batch_size`, over a full permutation of the split (`GlobalBatchSampler`), or for a
+    streamed dataset over its shards (`StreamPlan`, with a shuffle buffer)."""
+    if getattr(ds, "streamed", False):
+        return StreamPlan(ds.samples, batch_size, rank, world_size, seed, True, shuffle_buffer)
+    return GlobalBatchSampler(len(ds), batch_size, rank, world_size, seed)
+
+
+def eval_batches(ds: Any, rank: int, world_size: int, batch_size: int) -> Any:
+    """This rank's share of an evaluation set in batches of `batch_size`: every
+    `world_size`-th sample from `rank`, or for a streamed dataset a contiguous share of
+    its shards (`StreamPlan`); the ranks' shares cover every sample once."""
+    if getattr(ds, "streamed", False):
+        return StreamPlan(ds.samples, batch_size, rank, world_size, train=False)
+    mine = list(range(rank, len(ds), world_size))
+    return [[(i, 0) for i in mine[j:j + batch_size]] for j in range(0, len(mine), batch_size)]

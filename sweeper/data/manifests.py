@@ -37,7 +37,13 @@ class ClassTable:
         return dict(self.entries)
 
 
-def read_class_table(path: str | Path) -> ClassTable:
+def _as_file(path: Any) -> Any:
+    """A local path as a Path; a file of a dataset's filesystem (`source.DataFile`, which
+    has the few Path methods used here) as it is."""
+    return path if hasattr(path, "read_bytes") and hasattr(path, "open") else Path(path)
+
+
+def read_class_table(path: Any) -> ClassTable:
     """(wnid, name) entries in index order, from:
 
     - JSON `{wnid: name}` or `{wnid: [name, synonym, ...]}` (file order);
@@ -45,8 +51,10 @@ def read_class_table(path: str | Path) -> ClassTable:
       underscores in names become spaces);
     - CSV/TSV with `wnid,name` columns (a header row is optional);
     - text lines `wnid name words...` (ImageNet's `LOC_synset_mapping.txt`).
+
+    `path`: a local path, or a file of the dataset's filesystem (a bucket).
     """
-    p = Path(path)
+    p = _as_file(path)
     if not p.is_file():
         raise DataError(f"{p}: class-names file not found")
     try:
@@ -54,7 +62,7 @@ def read_class_table(path: str | Path) -> ClassTable:
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not valid UTF-8 (byte {e.start})") from None
     except OSError as e:
-        raise DataError(f"{p}: cannot read class names ({e.strerror})") from None
+        raise DataError(f"{p}: cannot read class names ({e.strerror or e})") from None
     suffix = p.suffix.lower()
     entries: list[tuple[str, str]] = []
     if suffix == ".json":
@@ -122,12 +130,66 @@ def read_class_table(path: str | Path) -> ClassTable:
     return ClassTable(tuple(entries), str(p))
 
 
-def read_class_names(path: str | Path) -> dict[str, str]:
+def read_class_names(path: Any) -> dict[str, str]:
     """{wnid: name} from any format `read_class_table` reads."""
     return read_class_table(path).by_wnid
 
 
+class LabelNamer:
+    """Class key (wnid) and name of a label stored with an image (a Parquet `label`, a
+    WebDataset `.cls` or `.json`): a wnid string, or an int index into the dataset's own
+    class names (`own`, e.g. Hugging Face ClassLabel names) and/or `data.class_names`.
+    `add` records the classes met; `labels` numbers them as folders are numbered."""
+
+    def __init__(self, table: ClassTable | None) -> None:
+        self.table = table
+        self.by_wnid = table.by_wnid if table else None
+        self.classes: dict[Any, tuple[str, str]] = {}  # label -> (wnid, name)
+
+    def __call__(self, label: Any, own: list[str] | None, where: Any) -> tuple[str, str]:
+        if isinstance(label, str):
+            if self.by_wnid is None:
+                return label, label
+            if label not in self.by_wnid:
+                raise DataError(f"class {label!r} in {where} has no name in data.class_names")
+            return label, self.by_wnid[label]
+        i = int(label)
+        if own is not None and i < len(own):
+            key = own[i]
+            if self.by_wnid is None:
+                return key, key
+            if key in self.by_wnid:
+                return key, self.by_wnid[key]
+        if self.table is not None:
+            if i >= len(self.table.entries):
+                raise DataError(f"label {i} in {where} has no class name in "
+                                f"{self.table.source} ({len(self.table.entries)} classes)")
+            return self.table.entries[i]
+        raise DataError(f"label {i} in {where} has no class name (give data.class_names, or "
+                        "export the dataset with ClassLabel names)")
+
+    def add(self, label: Any, own: list[str] | None, where: Any) -> str | int:
+        """The label as a key (a wnid string or an int), its class named and recorded."""
+        key = label if isinstance(label, str) else int(label)
+        if key not in self.classes:
+            self.classes[key] = self(label, own, where)
+        return key
+
+    def labels(self, where: Any) -> tuple[dict[Any, int], list[str], list[str]]:
+        """({key: label index}, wnids, names) of the classes recorded: int labels in index
+        order, wnid labels in sorted order (as folders are)."""
+        order = sorted(self.classes, key=lambda k: (isinstance(k, str), k))
+        wnids = [self.classes[k][0] for k in order]
+        if len(set(wnids)) != len(wnids):
+            dup = next(w for w in wnids if wnids.count(w) > 1)
+            raise DataError(f"{where}: two labels map to class {dup!r}")
+        return ({k: i for i, k in enumerate(order)}, wnids,
+                [self.classes[k][1] for k in order])
+
+
 # --------------------------------------------------------------------------- captions
+
+
 
 
 class Captions(dict):
@@ -168,8 +230,36 @@ def _caption_record(rec: Any, source: str) -> tuple[str | None, list[str]]:
     return _safe_key(str(key), source), [str(c) for c in caps if c is not None and str(c)]
 
 
-def _jsonl_records(p: Path, out: Captions) -> Iterator[tuple[Any, str]]:
-    with open(p, "rb") as f:
+class _Raw(io.RawIOBase):
+    """A binary file of any filesystem (a pyarrow NativeFile included) as the raw stream
+    `io.BufferedReader` takes."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _binary(p: Any) -> io.BufferedIOBase:
+    """`p` opened for buffered binary reading (a local file, or a bucket's object read in
+    1 MiB ranged requests)."""
+    if isinstance(p, Path):
+        return open(p, "rb")
+    return io.BufferedReader(_Raw(p.open("rb")), 1 << 20)
+
+
+def _jsonl_records(p: Any, out: Captions) -> Iterator[tuple[Any, str]]:
+    with _binary(p) as f:
         n = 0
         while True:
             line = f.readline(MAX_MANIFEST_LINE + 1)
@@ -193,11 +283,12 @@ def _jsonl_records(p: Path, out: Captions) -> Iterator[tuple[Any, str]]:
                 raise DataError(f"{p}: line {n} is not valid JSON") from None
 
 
-def _csv_records(p: Path, delim: str) -> Iterator[tuple[Any, str]]:
+def _csv_records(p: Any, delim: str) -> Iterator[tuple[Any, str]]:
     old = csv.field_size_limit()
     csv.field_size_limit(MAX_MANIFEST_LINE)
     try:
-        with open(p, encoding="utf-8-sig", errors="strict", newline="") as f:
+        with io.TextIOWrapper(_binary(p), encoding="utf-8-sig", errors="strict",
+                              newline="") as f:
             reader = csv.DictReader(f, delimiter=delim)
             try:
                 for rec in reader:
@@ -210,12 +301,12 @@ def _csv_records(p: Path, delim: str) -> Iterator[tuple[Any, str]]:
         csv.field_size_limit(old)
 
 
-def _parquet_records(p: Path) -> Iterator[tuple[Any, str]]:
+def _parquet_records(p: Any) -> Iterator[tuple[Any, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(p)
+        pf = pq.ParquetFile(str(p) if isinstance(p, Path) else p.open("rb"))
         names = pf.schema_arrow.names
         cols = [c for c in (*_KEY_FIELDS, *_CAPTION_FIELDS) if c in names]
         if "image" in cols and pa.types.is_struct(pf.schema_arrow.field("image").type):
@@ -234,7 +325,7 @@ def _parquet_records(p: Path) -> Iterator[tuple[Any, str]]:
         raise DataError(f"{p}: cannot read Parquet ({str(e).splitlines()[0][:200]})") from None
 
 
-def read_captions(path: str | Path, max_chars: int = MAX_CAPTION_CHARS) -> Captions:
+def read_captions(path: Any, max_chars: int = MAX_CAPTION_CHARS) -> Captions:
     """{image key: captions} from a JSONL, CSV/TSV or Parquet manifest.
 
     A record names its image by `image`/`path`/`file` (a path relative to the data root, or
@@ -242,9 +333,9 @@ def read_captions(path: str | Path, max_chars: int = MAX_CAPTION_CHARS) -> Capti
     list); several records of one image add up. Paths leaving the root are refused; invalid
     UTF-8 is refused naming the line; captions longer than `max_chars` are truncated and a
     JSONL line over 64 MiB is dropped, both counted on the result (a 10 MB line never
-    reaches the tokenizer).
+    reaches the tokenizer). `path`: a local path, or a file of the dataset's filesystem.
     """
-    p = Path(path)
+    p = _as_file(path)
     if not p.is_file():
         raise DataError(f"{p}: captions file not found")
     out = Captions()
